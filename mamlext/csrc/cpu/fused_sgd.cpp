@@ -1,0 +1,85 @@
+// CPU kernel of mamlext::fused_sgd: one parallel pass over every element of every
+// tensor of the list (at::parallel_for over the concatenated index range).
+#include "../fused_sgd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace mamlext {
+namespace {
+
+struct Segment {
+  at::Tensor out, p, g;
+  LrLayout lr;
+  int64_t begin;  // offset of this tensor in the concatenated index range
+};
+
+template <typename scalar_t>
+void update_range(const Segment& s, int64_t lo, int64_t hi) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t* __restrict__ out = s.out.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ p = s.p.const_data_ptr<scalar_t>();
+  const scalar_t* __restrict__ g = s.g.const_data_ptr<scalar_t>();
+  const scalar_t* lr = s.lr.values.defined() ? s.lr.values.const_data_ptr<scalar_t>() : nullptr;
+  // Walk lr blocks so the innermost loop has a constant rate and vectorises.
+  for (int64_t j = lo; j < hi;) {
+    const int64_t b = j / s.lr.block;
+    const int64_t stop = std::min(hi, (b + 1) * s.lr.block);
+    const opmath_t rate = lr ? static_cast<opmath_t>(lr[b]) : static_cast<opmath_t>(s.lr.scalar);
+    for (int64_t k = j; k < stop; ++k) {
+      out[k] = static_cast<scalar_t>(static_cast<opmath_t>(p[k]) - rate * static_cast<opmath_t>(g[k]));
+    }
+    j = stop;
+  }
+}
+
+std::vector<at::Tensor> fused_sgd_cpu(
+    at::TensorList params,
+    at::TensorList grads,
+    const c10::List<std::optional<at::Tensor>>& lrs,
+    at::ArrayRef<double> lr_scalars) {
+  check_fused_sgd_inputs(params, grads, lrs, lr_scalars, c10::DeviceType::CPU);
+  std::vector<at::Tensor> outs;
+  std::vector<Segment> segments;
+  outs.reserve(params.size());
+  segments.reserve(params.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor out = at::empty(params[i].sizes(), params[i].options());
+    outs.push_back(out);
+    if (out.numel() == 0) {
+      continue;
+    }
+    segments.push_back(Segment{
+        out, params[i].contiguous(), grads[i].contiguous(),
+        lr_layout(lrs.get(i), lr_scalars[i], params[i]), total});
+    total += out.numel();
+  }
+  constexpr int64_t kGrain = 1 << 15;
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    // First segment that ends after `begin`.
+    auto it = std::upper_bound(
+        segments.begin(), segments.end(), begin,
+        [](int64_t value, const Segment& s) { return value < s.begin + s.out.numel(); });
+    for (; it != segments.end() && it->begin < end; ++it) {
+      const Segment& s = *it;
+      const int64_t lo = std::max(begin, s.begin) - s.begin;
+      const int64_t hi = std::min(end, s.begin + s.out.numel()) - s.begin;
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, s.out.scalar_type(), "mamlext_fused_sgd_cpu",
+          [&] { update_range<scalar_t>(s, lo, hi); });
+    }
+  });
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mamlext, CPU, m) {
+  m.impl("fused_sgd", &fused_sgd_cpu);
+}
+
+}  // namespace mamlext

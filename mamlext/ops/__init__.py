@@ -1,0 +1,341 @@
+r"""The fused inner-loop update ``mamlext::fused_sgd``.
+
+For a list of tensors (each may carry a leading task dimension ``[T, *shape]``)
+
+.. math:: \mathrm{out}_i = p_i - \eta_i \, g_i
+
+in one native call. The op is registered with ``torch.library`` (so ``opcheck``,
+fake tensors and ``torch.compile`` work), has three kernels (this module's pure-PyTorch
+reference, ``csrc/cpu``, ``csrc/cuda``) and one autograd formula, written with
+differentiable torch ops so that second-order meta-gradients are exact:
+
+.. math::
+    \partial/\partial p_i = \bar o_i, \qquad
+    \partial/\partial g_i = -\eta_i \bar o_i, \qquad
+    \partial/\partial \eta_i = -\textstyle\sum_{\text{broadcast}} g_i \bar o_i .
+
+That formula serves both the op's registered autograd rule and ``_FusedSGD``, an
+``autograd.Function`` with ``setup_context``/``jvp``/a generated vmap rule through
+which :func:`fused_sgd` goes, so ``torch.func`` transforms compose with it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from mamlext.ops._native import BackendStatus, backend_info, ensure_loaded
+
+__all__ = ["fused_sgd", "reference_fused_sgd", "backend_info", "BackendStatus", "LearningRate"]
+
+LearningRate = Union[float, Tensor, Sequence[Union[float, Tensor]]]
+
+
+def reference_fused_sgd(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lrs: Sequence[Optional[Tensor]],
+    lr_scalars: Sequence[float],
+) -> list[Tensor]:
+    """The pure-PyTorch kernel: ``p - lr * g`` tensor by tensor (contiguous outputs).
+
+    Half and bfloat16 are computed in float32 and rounded once, as the native kernels do.
+    """
+    outs = []
+    for p, g, lr, scalar in zip(params, grads, lrs, lr_scalars):
+        low_precision = p.dtype in (torch.float16, torch.bfloat16)
+        if low_precision:
+            p, g, lr = p.float(), g.float(), None if lr is None else lr.float()
+        out = torch.add(p, g, alpha=-scalar) if lr is None else torch.addcmul(p, lr, g, value=-1)
+        outs.append(out.to(params[len(outs)].dtype).contiguous())
+    return outs
+
+
+def _check_inputs(params, grads, lrs, lr_scalars) -> None:
+    # Mirrors check_fused_sgd_inputs in csrc/fused_sgd.h, so every kernel rejects the
+    # same inputs with the same message.
+    n = len(params)
+    if not (len(grads) == len(lrs) == len(lr_scalars) == n):
+        raise ValueError(
+            "mamlext.fused_sgd: params, grads, lrs and lr_scalars must have the same length, "
+            f"got {n}, {len(grads)}, {len(lrs)} and {len(lr_scalars)}"
+        )
+    for i, (p, g, lr) in enumerate(zip(params, grads, lrs)):
+        if not p.is_floating_point():
+            raise TypeError(
+                f"mamlext.fused_sgd: params[{i}] has dtype {p.dtype}; "
+                "only floating-point tensors can be updated"
+            )
+        if g.shape != p.shape:
+            raise ValueError(
+                f"mamlext.fused_sgd: grads[{i}] has shape {tuple(g.shape)} "
+                f"but params[{i}] has shape {tuple(p.shape)}"
+            )
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"mamlext.fused_sgd: grads[{i}] has dtype {g.dtype} but params[{i}] has dtype {p.dtype}"
+            )
+        if g.device != p.device:
+            raise ValueError(
+                f"mamlext.fused_sgd: grads[{i}] is on {g.device} but params[{i}] is on {p.device}"
+            )
+        if lr is None:
+            continue
+        if lr.dtype != p.dtype:
+            raise TypeError(
+                f"mamlext.fused_sgd: lrs[{i}] has dtype {lr.dtype} but params[{i}] has dtype {p.dtype}"
+            )
+        if lr.device != p.device:
+            raise ValueError(
+                f"mamlext.fused_sgd: lrs[{i}] is on {lr.device} but params[{i}] is on {p.device}"
+            )
+        if not _broadcasts_to(lr.shape, p.shape):
+            raise ValueError(
+                f"mamlext.fused_sgd: lrs[{i}] of shape {tuple(lr.shape)} does not broadcast "
+                f"to params[{i}] of shape {tuple(p.shape)}"
+            )
+
+
+def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+@torch.library.custom_op("mamlext::fused_sgd", mutates_args=())
+def _fused_sgd_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    lrs: list[Optional[Tensor]],
+    lr_scalars: list[float],
+) -> list[Tensor]:
+    _check_inputs(params, grads, lrs, lr_scalars)
+    return reference_fused_sgd(params, grads, lrs, lr_scalars)
+
+
+@_fused_sgd_op.register_fake
+def _(params, grads, lrs, lr_scalars):
+    _check_inputs(params, grads, lrs, lr_scalars)
+    return [p.new_empty(p.shape) for p in params]
+
+
+def _backward_formula(
+    grads: Sequence[Tensor],
+    lrs: Sequence[Optional[Tensor]],
+    lr_scalars: Sequence[float],
+    grad_outs: Sequence[Optional[Tensor]],
+) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]], list[Optional[Tensor]]]:
+    """Vector-Jacobian products w.r.t. (params, grads, lrs); differentiable itself."""
+    grad_params = list(grad_outs)
+    grad_grads: list[Optional[Tensor]] = []
+    grad_lrs: list[Optional[Tensor]] = []
+    for g, lr, scalar, go in zip(grads, lrs, lr_scalars, grad_outs):
+        if go is None:
+            grad_grads.append(None)
+            grad_lrs.append(None)
+        elif lr is None:
+            grad_grads.append(go * -scalar)
+            grad_lrs.append(None)
+        else:
+            grad_grads.append(-(lr * go))
+            grad_lrs.append(-(g * go).sum_to_size(lr.shape))
+    return grad_params, grad_grads, grad_lrs
+
+
+def _jvp_formula(grads, lrs, lr_scalars, params_t, grads_t, lrs_t) -> list[Tensor]:
+    """Tangents of the outputs: dp - lr * dg - dlr * g (missing tangents are zero)."""
+    outs = []
+    for g, lr, scalar, dp, dg, dlr in zip(grads, lrs, lr_scalars, params_t, grads_t, lrs_t):
+        t = torch.zeros_like(g) if dp is None else dp.clone()
+        if dg is not None:
+            t = t - dg * scalar if lr is None else t - lr * dg
+        if dlr is not None:
+            t = t - dlr * g
+        outs.append(t)
+    return outs
+
+
+def _setup_op_context(ctx, inputs, output) -> None:
+    _, grads, lrs, lr_scalars = inputs
+    if not all(lr is not None for lr in lrs) and any(
+        lr is not None and lr.requires_grad for lr in lrs
+    ):
+        # torch.library cannot route gradients into a Tensor?[] that holds a None.
+        raise ValueError(
+            "torch.ops.mamlext.fused_sgd: learning-rate tensors that require grad need an "
+            "lr tensor for every entry; call mamlext.fused_sgd, which handles mixed rates"
+        )
+    ctx.lr_scalars = list(lr_scalars)
+    ctx.lr_present = [lr is not None for lr in lrs]
+    ctx.save_for_backward(*grads, *[lr for lr in lrs if lr is not None])
+
+
+def _unpack_saved(saved: Sequence[Tensor], lr_present: Sequence[bool]):
+    n = len(lr_present)
+    grads, rest = list(saved[:n]), iter(saved[n:])
+    lrs = [next(rest) if present else None for present in lr_present]
+    return grads, lrs
+
+
+def _op_backward(ctx, grad_outs):
+    grads, lrs = _unpack_saved(ctx.saved_tensors, ctx.lr_present)
+    grad_params, grad_grads, grad_lrs = _backward_formula(grads, lrs, ctx.lr_scalars, grad_outs)
+    # torch.library treats a Tensor?[] holding a None as one non-differentiable leaf.
+    return grad_params, grad_grads, grad_lrs if all(ctx.lr_present) else None, None
+
+
+_fused_sgd_op.register_autograd(_op_backward, setup_context=_setup_op_context)
+
+
+def _move_bdim(x: Optional[Tensor], bdim: Optional[int]) -> Optional[Tensor]:
+    return x if x is None or bdim is None else x.movedim(bdim, 0)
+
+
+@_fused_sgd_op.register_vmap
+def _(info, in_dims, params, grads, lrs, lr_scalars):
+    p_dims, g_dims, lr_dims, _ = in_dims
+    size = info.batch_size
+    batched_params, batched_grads, batched_lrs = [], [], []
+    for i, (p, g, lr) in enumerate(zip(params, grads, lrs)):
+        p = _move_bdim(p, p_dims[i] if p_dims else None)
+        g = _move_bdim(g, g_dims[i] if g_dims else None)
+        p_batched = p_dims is not None and p_dims[i] is not None
+        g_batched = g_dims is not None and g_dims[i] is not None
+        if not p_batched:
+            p = p.expand(size, *p.shape)
+        if not g_batched:
+            g = g.expand(size, *g.shape)
+        if lr is not None and lr_dims is not None and lr_dims[i] is not None:
+            lr = _move_bdim(lr, lr_dims[i])
+            # Align the unbatched lr shape with the unbatched param shape before the
+            # batch dim is put in front: [B, *lr] -> [B, 1, ..., 1, *lr].
+            lr = lr.reshape(size, *([1] * (p.dim() - lr.dim())), *lr.shape[1:])
+        batched_params.append(p)
+        batched_grads.append(g)
+        batched_lrs.append(lr)
+    outs = torch.ops.mamlext.fused_sgd(batched_params, batched_grads, batched_lrs, lr_scalars)
+    return outs, [0] * len(outs)
+
+
+class _FusedSGD(torch.autograd.Function):
+    """``fused_sgd`` over flat tensor arguments, composable with ``torch.func``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(lr_scalars, lr_present, *tensors):
+        params, grads, lrs = _split(tensors, lr_present)
+        return tuple(torch.ops.mamlext.fused_sgd(params, grads, lrs, lr_scalars))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        lr_scalars, lr_present, *tensors = inputs
+        n = len(lr_present)
+        ctx.lr_scalars, ctx.lr_present = lr_scalars, lr_present
+        ctx.save_for_backward(*tensors[n:])
+        ctx.save_for_forward(*tensors[n:])
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        grads, lrs = _unpack_saved(ctx.saved_tensors, ctx.lr_present)
+        grad_params, grad_grads, grad_lrs = _backward_formula(grads, lrs, ctx.lr_scalars, grad_outs)
+        grad_lrs = [g for g, present in zip(grad_lrs, ctx.lr_present) if present]
+        return None, None, *grad_params, *grad_grads, *grad_lrs
+
+    @staticmethod
+    def jvp(ctx, _lr_scalars, _lr_present, *tangents):
+        grads, lrs = _unpack_saved(ctx.saved_tensors, ctx.lr_present)
+        params_t, grads_t, lrs_t = _split(tangents, ctx.lr_present)
+        return tuple(_jvp_formula(grads, lrs, ctx.lr_scalars, params_t, grads_t, lrs_t))
+
+
+def _split(tensors: Sequence[Optional[Tensor]], lr_present: Sequence[bool]):
+    """Flat ``(*params, *grads, *present_lrs)`` back to three per-tensor lists."""
+    n = len(lr_present)
+    params, grads, rest = list(tensors[:n]), list(tensors[n : 2 * n]), iter(tensors[2 * n :])
+    lrs = [next(rest) if present else None for present in lr_present]
+    return params, grads, lrs
+
+
+def _normalize_lr(lr: LearningRate, params: Sequence[Tensor]):
+    """Any accepted learning-rate form -> (per-tensor lr tensor or None, per-tensor float)."""
+    n = len(params)
+    if isinstance(lr, (Tensor, numbers.Real)):
+        entries = [lr] * n
+    elif isinstance(lr, Sequence) and not isinstance(lr, str):
+        entries = list(lr)
+        if len(entries) != n:
+            raise ValueError(
+                f"mamlext.fused_sgd: got {len(entries)} learning rates for {n} parameter tensors"
+            )
+    else:
+        raise TypeError(
+            "mamlext.fused_sgd: lr must be a float, a tensor, or a sequence of one float or "
+            f"tensor per parameter tensor, got {type(lr).__name__}"
+        )
+    lrs: list[Optional[Tensor]] = []
+    scalars: list[float] = []
+    for i, (entry, p) in enumerate(zip(entries, params)):
+        if isinstance(entry, Tensor):
+            if not (entry.is_floating_point() or entry.dim() == 0):
+                raise TypeError(
+                    f"mamlext.fused_sgd: lr[{i}] has dtype {entry.dtype}, expected floating point"
+                )
+            # A 0-dim rate behaves like a scalar: it may live on another device.
+            device = p.device if entry.dim() == 0 else entry.device
+            lrs.append(entry.to(device=device, dtype=p.dtype))
+            scalars.append(1.0)
+        elif isinstance(entry, numbers.Real) and not isinstance(entry, bool):
+            lrs.append(None)
+            scalars.append(float(entry))
+        else:
+            raise TypeError(
+                f"mamlext.fused_sgd: lr[{i}] must be a float or a tensor, got {type(entry).__name__}"
+            )
+    return lrs, scalars
+
+
+def fused_sgd(
+    params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], lr: LearningRate
+) -> list[Tensor]:
+    r"""One SGD step for a whole list of tensors: ``[p_i - lr_i * g_i for every i]``.
+
+    One native call updates every tensor (every parameter of every task when the
+    tensors carry a leading task dimension ``[T, *shape]``). Differentiable to any
+    order in ``params``, ``grads`` and ``lr``; composes with ``torch.func``. Outputs are
+    new contiguous tensors; inputs are never modified.
+
+    Args:
+        params: tensors ``p_i`` (floating point, any shape).
+        grads: ``g_i``, each of ``p_i``'s shape, dtype and device.
+        lr: a float; a tensor broadcastable to every ``p_i`` (a 0-dim rate may be on
+            any device); or a sequence with one float or tensor per ``p_i``: a per-layer
+            rate (MAML++), a per-element rate of ``p_i``'s shape (Meta-SGD), or a
+            per-task rate ``[T, 1, ..., 1]``. Rate tensors are cast to ``p_i``'s dtype and
+            may require grad (the meta-gradient reaches them).
+
+    Returns:
+        ``[p_i - lr_i * g_i]``, each of ``p_i``'s shape.
+    """
+    params, grads = list(params), list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"mamlext.fused_sgd: got {len(params)} params but {len(grads)} grads")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            raise ValueError(
+                f"mamlext.fused_sgd: grads[{i}] is None: params[{i}] (shape {tuple(p.shape)}) "
+                "received no gradient. Does the loss depend on it?"
+            )
+    if not params:
+        return []
+    lrs, lr_scalars = _normalize_lr(lr, params)
+    _check_inputs(params, grads, lrs, lr_scalars)
+    for device_type in {p.device.type for p in params}:
+        ensure_loaded(device_type)
+    present = tuple(lr is not None for lr in lrs)
+    tensors = [*params, *grads, *[lr for lr in lrs if lr is not None]]
+    return list(_FusedSGD.apply(tuple(lr_scalars), present, *tensors))
