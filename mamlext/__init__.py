@@ -1,7 +1,9 @@
 """mamlext: fast, exact MAML-style meta-learning for PyTorch."""
 
+from mamlext.inner import gradient_update_parameters
+from mamlext.maml import MAML
 from mamlext.ops import backend_info, fused_sgd
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "fused_sgd", "__version__"]
+__all__ = ["MAML", "backend_info", "fused_sgd", "gradient_update_parameters", "__version__"]

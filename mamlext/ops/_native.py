@@ -108,7 +108,7 @@ def _jit_build(device_type: str) -> BackendStatus:
     if device_type == "cpu":
         kwargs = dict(extra_cflags=[*flags, "-fopenmp"], extra_ldflags=["-fopenmp"])
     else:
-        kwargs = dict(extra_cflags=flags, extra_cuda_cflags=["-O3", "--use_fast_math"])
+        kwargs = dict(extra_cflags=flags, extra_cuda_cflags=["-O3"])
     library = cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],

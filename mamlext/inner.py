@@ -1,0 +1,82 @@
+"""One inner-loop step: gradients of a loss, then the fused SGD update."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from mamlext.modules.module import MetaModule
+from mamlext.ops import LearningRate, fused_sgd
+
+StepSize = float | Tensor | Mapping[str, float | Tensor]
+
+
+def inner_gradients(
+    loss: Tensor,
+    params: Mapping[str, Tensor],
+    first_order: bool = False,
+    allow_unused: bool = False,
+) -> list[Tensor]:
+    """``d loss / d params``, keeping the graph for second order unless ``first_order``.
+
+    Raises:
+        ValueError: the loss has no graph (e.g. computed under ``torch.no_grad()``), or
+            does not depend on some parameter and ``allow_unused`` is false.
+    """
+    if not loss.requires_grad:
+        raise ValueError(
+            "the inner-loop loss has no graph to the parameters: was it computed under "
+            "torch.no_grad() or from detached parameters? (.eval() does not stop gradients; "
+            "torch.no_grad() does)"
+        )
+    names, tensors = list(params), list(params.values())
+    grads = torch.autograd.grad(loss, tensors, create_graph=not first_order, allow_unused=True)
+    unused = [name for name, g in zip(names, grads) if g is None]
+    if unused and not allow_unused:
+        raise ValueError(
+            f"the inner-loop loss does not depend on {unused}; adapt only the parameters the "
+            "loss uses, or pass allow_unused=True to leave those unchanged"
+        )
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+
+def gradient_update_parameters(
+    model: MetaModule,
+    loss: Tensor,
+    params: Mapping[str, Tensor] | None = None,
+    step_size: StepSize = 0.5,
+    first_order: bool = False,
+) -> OrderedDict[str, Tensor]:
+    r"""One gradient step on ``params``, torchmeta's function with the fused update.
+
+    .. math:: \theta'_k = \theta_k - \alpha_k \nabla_{\theta_k} \mathcal{L}
+
+    Args:
+        model: the MetaModule whose parameters are updated (its own if ``params`` is None).
+        loss: the inner-loop loss, a scalar depending on ``params``.
+        params: current parameters by name (possibly task-batched ``[T, *shape]``).
+        step_size: a float, a tensor (learnable), or a dict of either by parameter name.
+        first_order: drop the second-order terms (FOMAML): the gradient is not
+            differentiated through.
+
+    Returns:
+        The updated parameters, by name, in ``params``' order.
+    """
+    if not isinstance(model, MetaModule):
+        raise TypeError(f"model must be a MetaModule, got {type(model).__name__}")
+    if params is None:
+        params = OrderedDict(model.meta_named_parameters())
+    grads = inner_gradients(loss, params, first_order=first_order)
+    lr: LearningRate
+    if isinstance(step_size, Mapping):
+        missing = [name for name in params if name not in step_size]
+        if missing:
+            raise KeyError(f"step_size has no entry for {missing}")
+        lr = [step_size[name] for name in params]
+    else:
+        lr = step_size
+    updated = fused_sgd(list(params.values()), grads, lr)
+    return OrderedDict(zip(params, updated))

@@ -1,0 +1,270 @@
+r"""MAML and its variants over a meta-batch of tasks, all tasks adapted at once.
+
+For tasks :math:`t = 1..T` with support set :math:`S_t` and query set :math:`Q_t`:
+
+.. math::
+    \theta_t^{(k+1)} = \theta_t^{(k)} - \alpha^{(k)} \odot
+        \nabla_\theta \mathcal{L}(f_{\theta_t^{(k)}}, S_t), \qquad
+    \theta_t^{(0)} = \theta, \qquad
+    \mathcal{L}_\text{meta} = \frac{1}{T} \sum_t \mathcal{L}(f_{\theta_t^{(K)}}, Q_t)
+
+``loss.backward()`` gives the exact meta-gradient (second order unless ``first_order``)
+with respect to :math:`\theta` and, when learned, the step sizes :math:`\alpha`.
+Variants: FOMAML (``first_order=True``), Meta-SGD (``step_size_mode="per_element"``),
+MAML++ per-layer per-step rates (``"per_layer_per_step"``), ANIL (``adapt_params``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamlext.inner import inner_gradients
+from mamlext.modules import batchable
+from mamlext.modules.module import MetaModule
+from mamlext.ops import fused_sgd
+
+LossFn = Callable[..., Tensor]
+STEP_SIZE_MODES = ("fixed", "per_element", "per_layer_per_step")
+
+
+class MAML(nn.Module):
+    """Meta-learn ``model``'s initialisation (and optionally its inner step sizes).
+
+    Args:
+        model: a :class:`~mamlext.modules.MetaModule` mapping ``[N, ...]`` inputs of one
+            task to outputs (or ``[T, N, ...]`` task-batched).
+        step_size: the inner learning rate :math:`\\alpha` (the initial value when learned).
+        num_steps: inner gradient steps during meta-training.
+        first_order: FOMAML: do not differentiate through the inner gradients.
+        loss_fn: ``loss_fn(outputs, targets)`` of one task, a mean over its samples
+            (``F.cross_entropy``, ``F.mse_loss``, ...).
+        step_size_mode: ``"fixed"``; ``"per_element"`` (Meta-SGD: a learned rate for every
+            parameter element); ``"per_layer_per_step"`` (MAML++: a learned rate for each
+            parameter tensor and step).
+        adapt_params: names (or prefixes such as ``"classifier"``) of the parameters to
+            adapt, or a predicate on names; the others stay shared (ANIL). Default: all.
+        num_test_steps: inner steps in eval mode (meta-test); default ``num_steps``.
+        batched: ``True`` adapts all tasks in one pass; ``False`` loops over tasks (any
+            MetaModule, torchmeta's included); ``"auto"`` batches when every submodule is
+            one mamlext knows how to batch.
+        allow_unused: let adapted parameters that the loss does not use stay unchanged
+            instead of raising.
+    """
+
+    def __init__(
+        self,
+        model: MetaModule,
+        step_size: float = 0.4,
+        num_steps: int = 1,
+        first_order: bool = False,
+        loss_fn: LossFn = F.cross_entropy,
+        step_size_mode: str = "fixed",
+        adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
+        num_test_steps: int | None = None,
+        batched: bool | str = "auto",
+        allow_unused: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module) or not hasattr(model, "meta_named_parameters"):
+            raise TypeError(
+                f"MAML needs a MetaModule (forward(x, params=...)), got {type(model).__name__}; "
+                "convert a plain nn.Module with mamlext.modules.metafy(model)"
+            )
+        if step_size_mode not in STEP_SIZE_MODES:
+            raise ValueError(
+                f"step_size_mode must be one of {STEP_SIZE_MODES}, got {step_size_mode!r}"
+            )
+        if num_steps < 0 or (num_test_steps is not None and num_test_steps < 0):
+            raise ValueError("num_steps and num_test_steps must be >= 0")
+        if batched not in (True, False, "auto"):
+            raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
+        self.model = model
+        self.step_size = float(step_size)
+        self.num_steps = num_steps
+        self.num_test_steps = num_steps if num_test_steps is None else num_test_steps
+        self.first_order = first_order
+        self.loss_fn = loss_fn
+        self.step_size_mode = step_size_mode
+        self.allow_unused = allow_unused
+        self.batched = batchable(model) if batched == "auto" else batched
+        self._loss_takes_reduction = _accepts_reduction(loss_fn)
+
+        meta = OrderedDict(model.meta_named_parameters())
+        self.adapted_names = _select(meta, adapt_params)
+        if step_size_mode == "per_element":
+            rates = [torch.full_like(meta[n].detach(), step_size) for n in self.adapted_names]
+        elif step_size_mode == "per_layer_per_step":
+            steps = max(num_steps, 1)
+            rates = [meta[n].new_full((steps,), step_size).detach() for n in self.adapted_names]
+        else:
+            rates = []
+        self.step_sizes = nn.ParameterList([nn.Parameter(r) for r in rates])
+
+    # ---- adaptation -------------------------------------------------------------------
+
+    def step_lrs(self, step: int) -> float | list[Tensor]:
+        """The learning rate of inner step ``step`` for each adapted tensor."""
+        if self.step_size_mode == "per_element":
+            return list(self.step_sizes)
+        if self.step_size_mode == "per_layer_per_step":
+            # Steps beyond the trained ones (e.g. at meta-test) reuse the last rate.
+            return [rates[min(step, rates.shape[0] - 1)] for rates in self.step_sizes]
+        return self.step_size
+
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, num_steps: int | None = None
+    ) -> OrderedDict[str, Tensor]:
+        """Adapt to every task of the meta-batch.
+
+        Args:
+            support_x: ``[T, N, ...]`` support inputs (``batch["train"][0]``).
+            support_y: ``[T, N, ...]`` support targets.
+            num_steps: inner steps; default ``num_steps`` (training) or ``num_test_steps``.
+
+        Returns:
+            Parameters by name: adapted ones ``[T, *shape]``, shared ones as they are.
+        """
+        num_tasks = _check_tasks(self.model, support_x=support_x, support_y=support_y)
+        steps = self._steps(num_steps)
+        if self.batched:
+            return self._adapt_batched(support_x, support_y, steps)
+        per_task = [self._adapt_one(support_x[t], support_y[t], steps) for t in range(num_tasks)]
+        return OrderedDict(
+            (
+                name,
+                torch.stack([p[name] for p in per_task]) if name in self.adapted_names else value,
+            )
+            for name, value in per_task[0].items()
+        )
+
+    def forward(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        num_steps: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Adapt on the support sets and evaluate on the query sets.
+
+        Returns:
+            ``(loss, outputs)``: the query loss averaged over tasks (backward gives the
+            meta-gradient) and the query outputs ``[T, Nq, ...]``.
+        """
+        num_tasks = _check_tasks(
+            self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
+        )
+        steps = self._steps(num_steps)
+        if self.batched:
+            fast = self._adapt_batched(support_x, support_y, steps)
+            outputs = self.model(query_x, params=fast)
+            return self._task_losses(outputs, query_y).mean(), outputs
+        losses, outputs = [], []
+        for t in range(num_tasks):
+            fast = self._adapt_one(support_x[t], support_y[t], steps)
+            out = self.model(query_x[t], params=fast)
+            losses.append(self.loss_fn(out, query_y[t]))
+            outputs.append(out)
+        return torch.stack(losses).mean(), torch.stack(outputs)
+
+    def _steps(self, num_steps: int | None) -> int:
+        if num_steps is not None:
+            return num_steps
+        return self.num_steps if self.training else self.num_test_steps
+
+    def _adapt_batched(self, x: Tensor, y: Tensor, steps: int) -> OrderedDict[str, Tensor]:
+        num_tasks = x.shape[0]
+        fast = OrderedDict(self.model.meta_named_parameters())
+        for name in self.adapted_names:
+            fast[name] = fast[name].expand(num_tasks, *fast[name].shape)
+        for step in range(steps):
+            loss = self._task_losses(self.model(x, params=fast), y).sum()
+            fast.update(self._update(loss, fast, step))
+        return fast
+
+    def _adapt_one(self, x: Tensor, y: Tensor, steps: int) -> OrderedDict[str, Tensor]:
+        fast = OrderedDict(self.model.meta_named_parameters())
+        for step in range(steps):
+            loss = self.loss_fn(self.model(x, params=fast), y)
+            fast.update(self._update(loss, fast, step))
+        return fast
+
+    def _update(self, loss: Tensor, fast: OrderedDict[str, Tensor], step: int):
+        current = OrderedDict((name, fast[name]) for name in self.adapted_names)
+        grads = inner_gradients(loss, current, self.first_order, self.allow_unused)
+        return zip(current, fused_sgd(list(current.values()), grads, self.step_lrs(step)))
+
+    def _task_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Each task's mean loss, ``[T]``: one call over all tasks when the loss allows."""
+        num_tasks = outputs.shape[0]
+        if self._loss_takes_reduction:
+            per_sample = self.loss_fn(
+                outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none"
+            )
+            return per_sample.reshape(num_tasks, -1).mean(1)
+        return torch.stack([self.loss_fn(o, t) for o, t in zip(outputs, targets)])
+
+
+def _accepts_reduction(loss_fn: LossFn) -> bool:
+    # torch's functional losses (cross_entropy, mse_loss, ...) are plain means that also
+    # give per-sample values; other callables are called task by task.
+    try:
+        return "reduction" in inspect.signature(loss_fn).parameters and loss_fn in _MEAN_LOSSES
+    except (TypeError, ValueError):
+        return False
+
+
+_MEAN_LOSSES = {F.cross_entropy, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.nll_loss,
+                F.binary_cross_entropy_with_logits}  # fmt: skip
+
+
+def _select(meta: OrderedDict[str, Tensor], adapt_params) -> list[str]:
+    if adapt_params is None:
+        return list(meta)
+    if callable(adapt_params):
+        chosen = [n for n in meta if adapt_params(n)]
+    else:
+        wanted = [adapt_params] if isinstance(adapt_params, str) else list(adapt_params)
+        unknown = [w for w in wanted if not any(n == w or n.startswith(w + ".") for n in meta)]
+        if unknown:
+            raise ValueError(
+                f"adapt_params names no parameter: {unknown}; parameters: {list(meta)}"
+            )
+        chosen = [n for n in meta if any(n == w or n.startswith(w + ".") for w in wanted)]
+    if not chosen:
+        raise ValueError("adapt_params selects no parameter to adapt")
+    return chosen
+
+
+def _check_tasks(model: nn.Module, **tensors: Tensor) -> int:
+    """The task count ``T`` shared by ``[T, N, ...]`` tensors; clear errors otherwise."""
+    counts = {}
+    takes_indices = any(isinstance(m, nn.Embedding) for m in model.modules())
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a tensor [T, N, ...], got {type(value).__name__}")
+        if value.dim() < 2:
+            raise ValueError(
+                f"{name} must be [T, N, ...] (tasks, samples, ...), got shape {tuple(value.shape)}"
+            )
+        if name.endswith("_x") and not (value.is_floating_point() or takes_indices):
+            raise TypeError(
+                f"{name} has dtype {value.dtype}; the model expects floating-point inputs "
+                "(convert images with .float())"
+            )
+        counts[name] = value.shape[0]
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"support and query sets disagree on the number of tasks T: {counts}")
+    for kind in ("support", "query"):
+        x, y = tensors.get(f"{kind}_x"), tensors.get(f"{kind}_y")
+        if x is not None and y is not None and x.shape[1] != y.shape[1]:
+            raise ValueError(
+                f"{kind}_x has {x.shape[1]} samples per task but {kind}_y has {y.shape[1]}"
+            )
+    return next(iter(counts.values()))
