@@ -16,7 +16,9 @@ MAML++ per-layer per-step rates (``"per_layer_per_step"``), ANIL (``adapt_params
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -27,6 +29,13 @@ from torch import Tensor, nn
 from mamlext.inner import inner_gradients
 from mamlext.modules import batchable
 from mamlext.modules.module import MetaModule
+from mamlext.modules.norm import (
+    BN_POLICIES,
+    Position,
+    _MetaBatchNorm,
+    forward_position,
+    recording_batch_stats,
+)
 from mamlext.ops import fused_sgd
 
 LossFn = Callable[..., Tensor]
@@ -55,6 +64,11 @@ class MAML(nn.Module):
             one mamlext knows how to batch.
         allow_unused: let adapted parameters that the loss does not use stay unchanged
             instead of raising.
+        bn: the BatchNorm statistics policy of every Meta BatchNorm layer (see
+            :class:`~mamlext.modules.norm._MetaBatchNorm` and ``docs/train_eval.md``):
+            ``"transductive"`` (original MAML: batch statistics always, running ones never
+            touched), ``"per_step"`` (MAML++), ``"running"``, or ``None`` to leave the
+            layers as they are (``nn.BatchNorm`` semantics).
     """
 
     def __init__(
@@ -69,6 +83,7 @@ class MAML(nn.Module):
         num_test_steps: int | None = None,
         batched: bool | str = "auto",
         allow_unused: bool = False,
+        bn: str | None = "transductive",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module) or not hasattr(model, "meta_named_parameters"):
@@ -93,6 +108,8 @@ class MAML(nn.Module):
         self.step_size_mode = step_size_mode
         self.allow_unused = allow_unused
         self.batched = batchable(model) if batched == "auto" else batched
+        self.bn = bn
+        _set_bn_policy(model, bn, num_steps)
         self._loss_takes_reduction = _accepts_reduction(loss_fn)
 
         meta = OrderedDict(model.meta_named_parameters())
@@ -161,17 +178,79 @@ class MAML(nn.Module):
             self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
         )
         steps = self._steps(num_steps)
+        self._check_modes()
+        versions = {name: p._version for name, p in self.model.named_parameters()}
+        records = contextlib.nullcontext()
+        if self.training and self.bn in ("per_step", "running"):
+            records = recording_batch_stats()
+        with records as recorded:
+            loss, outputs = self._meta_loss(
+                support_x, support_y, query_x, query_y, num_tasks, steps
+            )
+        if recorded:
+            for layer in {layer for layer, _ in recorded}:
+                layer.commit_running_stats(recorded)
+        if loss.grad_fn is not None:
+            loss.grad_fn.register_prehook(self._in_place_guard(versions))
+        return loss, outputs
+
+    def _meta_loss(self, support_x, support_y, query_x, query_y, num_tasks, steps):
         if self.batched:
             fast = self._adapt_batched(support_x, support_y, steps)
-            outputs = self.model(query_x, params=fast)
+            with forward_position(Position(query=True)):
+                outputs = self.model(query_x, params=fast)
             return self._task_losses(outputs, query_y).mean(), outputs
         losses, outputs = [], []
         for t in range(num_tasks):
             fast = self._adapt_one(support_x[t], support_y[t], steps)
-            out = self.model(query_x[t], params=fast)
+            with forward_position(Position(query=True)):
+                out = self.model(query_x[t], params=fast)
             losses.append(self.loss_fn(out, query_y[t]))
             outputs.append(out)
         return torch.stack(losses).mean(), torch.stack(outputs)
+
+    def _check_modes(self) -> None:
+        if self.training and not torch.is_grad_enabled():
+            warnings.warn(
+                "MAML is in training mode under torch.no_grad(): the query loss has no graph, so "
+                "backward() cannot give a meta-gradient. For meta-test evaluation use "
+                "maml.eval() (no_grad is fine then); .eval() itself never turns gradients off",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not self.training or self.bn == "transductive":
+            return
+        for name, module in self.model.named_modules():
+            untrained_eval_bn = (
+                isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and not module.training
+                and module.track_running_stats
+                and int(module.num_batches_tracked) == 0
+            )
+            if untrained_eval_bn:
+                raise ValueError(
+                    f"BatchNorm {name!r} is in eval mode during meta-training, with running "
+                    "statistics that were never trained: it would normalise with mean 0 and "
+                    "variance 1. Call maml.train() for meta-training (BatchNorm then uses batch "
+                    "statistics), or use bn='transductive'"
+                )
+
+    def _in_place_guard(self, versions: dict[str, int]):
+        params = dict(self.model.named_parameters())
+
+        def check(grad_outputs):
+            changed = [n for n, v in versions.items() if params[n]._version != v]
+            if changed:
+                raise RuntimeError(
+                    f"meta-parameters {changed} were modified in place after MAML's forward and "
+                    "before loss.backward() (e.g. an optimizer.step() or an in-place SGD on the "
+                    "model inside the inner loop). That is fine-tuning, not MAML: the meta-gradient "
+                    "through the adaptation is lost. Adapt with maml.adapt() or "
+                    "gradient_update_parameters(), which never modify the meta-parameters, and call "
+                    "optimizer.step() after loss.backward()"
+                )
+
+        return check
 
     def _steps(self, num_steps: int | None) -> int:
         if num_steps is not None:
@@ -179,26 +258,35 @@ class MAML(nn.Module):
         return self.num_steps if self.training else self.num_test_steps
 
     def _adapt_batched(self, x: Tensor, y: Tensor, steps: int) -> OrderedDict[str, Tensor]:
-        num_tasks = x.shape[0]
-        fast = OrderedDict(self.model.meta_named_parameters())
-        for name in self.adapted_names:
-            fast[name] = fast[name].expand(num_tasks, *fast[name].shape)
-        for step in range(steps):
-            loss = self._task_losses(self.model(x, params=fast), y).sum()
-            fast.update(self._update(loss, fast, step))
-        return fast
+        def expand(fast):
+            for name in self.adapted_names:
+                fast[name] = fast[name].expand(x.shape[0], *fast[name].shape)
+            return fast
+
+        return self._inner_loop(
+            expand, steps, lambda p: self._task_losses(self.model(x, params=p), y).sum()
+        )
 
     def _adapt_one(self, x: Tensor, y: Tensor, steps: int) -> OrderedDict[str, Tensor]:
-        fast = OrderedDict(self.model.meta_named_parameters())
-        for step in range(steps):
-            loss = self.loss_fn(self.model(x, params=fast), y)
-            fast.update(self._update(loss, fast, step))
-        return fast
+        return self._inner_loop(
+            lambda fast: fast, steps, lambda p: self.loss_fn(self.model(x, params=p), y)
+        )
 
-    def _update(self, loss: Tensor, fast: OrderedDict[str, Tensor], step: int):
-        current = OrderedDict((name, fast[name]) for name in self.adapted_names)
-        grads = inner_gradients(loss, current, self.first_order, self.allow_unused)
-        return zip(current, fused_sgd(list(current.values()), grads, self.step_lrs(step)))
+    def _inner_loop(self, start, steps: int, support_loss) -> OrderedDict[str, Tensor]:
+        """``steps`` updates of the adapted parameters from ``start(meta-parameters)``."""
+        # Adaptation needs gradients even when the caller evaluates under no_grad (meta-test);
+        # the graph through them is kept only when the caller can backpropagate.
+        second_order = torch.is_grad_enabled() and not self.first_order
+        with torch.enable_grad():
+            fast = start(OrderedDict(self.model.meta_named_parameters()))
+            for step in range(steps):
+                with forward_position(Position(step=step)):
+                    loss = support_loss(fast)
+                current = OrderedDict((name, fast[name]) for name in self.adapted_names)
+                grads = inner_gradients(loss, current, not second_order, self.allow_unused)
+                lrs = self.step_lrs(step)
+                fast.update(zip(current, fused_sgd(list(current.values()), grads, lrs)))
+        return fast
 
     def _task_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Each task's mean loss, ``[T]``: one call over all tasks when the loss allows."""
@@ -209,6 +297,20 @@ class MAML(nn.Module):
             )
             return per_sample.reshape(num_tasks, -1).mean(1)
         return torch.stack([self.loss_fn(o, t) for o, t in zip(outputs, targets)])
+
+
+def _set_bn_policy(model: nn.Module, bn: str | None, num_steps: int) -> None:
+    if bn is not None and bn not in BN_POLICIES:
+        raise ValueError(f"bn must be one of {BN_POLICIES} or None, got {bn!r}")
+    for name, module in model.named_modules():
+        if isinstance(module, _MetaBatchNorm):
+            module.set_policy(bn, num_steps)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and bn is not None:
+            raise ValueError(
+                f"{name!r} is a {type(module).__name__}, whose statistics mamlext cannot manage: "
+                "use mamlext's MetaBatchNorm (mamlext.modules.metafy converts a model), or pass "
+                "bn=None to keep its own nn.BatchNorm behaviour"
+            )
 
 
 def _accepts_reduction(loss_fn: LossFn) -> bool:

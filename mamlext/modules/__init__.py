@@ -2,6 +2,7 @@
 
 from torch import nn
 
+from mamlext.modules.attention import MetaMultiheadAttention
 from mamlext.modules.container import ELEMENTWISE, MetaModuleDict, MetaModuleList, MetaSequential
 from mamlext.modules.layers import (
     MetaBilinear,
@@ -11,6 +12,7 @@ from mamlext.modules.layers import (
     MetaEmbedding,
     MetaLinear,
 )
+from mamlext.modules.metafy import metafy
 from mamlext.modules.module import MetaModule, task_batched, task_count
 from mamlext.modules.norm import (
     MetaBatchNorm1d,
@@ -24,7 +26,7 @@ __all__ = [
     "MetaModule", "MetaSequential", "MetaModuleList", "MetaModuleDict", "MetaLinear",
     "MetaBilinear", "MetaConv1d", "MetaConv2d", "MetaConv3d", "MetaEmbedding",
     "MetaBatchNorm1d", "MetaBatchNorm2d", "MetaBatchNorm3d", "MetaLayerNorm", "MetaGroupNorm",
-    "batchable", "task_batched", "task_count",
+    "MetaMultiheadAttention", "batchable", "metafy", "task_batched", "task_count",
 ]  # fmt: skip
 
 # Modules whose task-batched forward mamlext implements (exact types: a subclass may
@@ -32,7 +34,7 @@ __all__ = [
 BATCHED_META = (
     MetaSequential, MetaLinear, MetaBilinear, MetaConv1d, MetaConv2d, MetaConv3d,
     MetaEmbedding, MetaBatchNorm1d, MetaBatchNorm2d, MetaBatchNorm3d, MetaLayerNorm,
-    MetaGroupNorm,
+    MetaGroupNorm, MetaMultiheadAttention,
 )  # fmt: skip
 PER_SAMPLE = (
     *ELEMENTWISE, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,

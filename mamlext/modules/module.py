@@ -20,7 +20,6 @@ import contextvars
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 
-import torch
 from torch import Tensor, nn
 
 Params = Mapping[str, Tensor]

@@ -23,8 +23,17 @@ void update_range(const Segment& s, int64_t lo, int64_t hi) {
   scalar_t* __restrict__ out = s.out.data_ptr<scalar_t>();
   const scalar_t* __restrict__ p = s.p.const_data_ptr<scalar_t>();
   const scalar_t* __restrict__ g = s.g.const_data_ptr<scalar_t>();
-  const scalar_t* lr = s.lr.values.defined() ? s.lr.values.const_data_ptr<scalar_t>() : nullptr;
-  // Walk lr blocks so the innermost loop has a constant rate and vectorises.
+  const scalar_t* __restrict__ lr =
+      s.lr.values.defined() ? s.lr.values.const_data_ptr<scalar_t>() : nullptr;
+  if (lr != nullptr && s.lr.block == 1) {  // one rate per element (Meta-SGD)
+    for (int64_t k = lo; k < hi; ++k) {
+      out[k] = static_cast<scalar_t>(
+          static_cast<opmath_t>(p[k]) - static_cast<opmath_t>(lr[k]) * static_cast<opmath_t>(g[k]));
+    }
+    return;
+  }
+  // Walk lr blocks (one block for a scalar rate) so the innermost loop has a constant
+  // rate and vectorises.
   for (int64_t j = lo; j < hi;) {
     const int64_t b = j / s.lr.block;
     const int64_t stop = std::min(hi, (b + 1) * s.lr.block);

@@ -1,0 +1,225 @@
+"""Train/eval and BatchNorm semantics in MAML: every claim of docs/train_eval.md, tested."""
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mamlext
+from mamlext import modules as mm
+from tests.models import F64, twins
+from tests.test_maml_vs_higher import episode
+
+
+def conv_bn_maml(bn, batched=True, steps=2, seed=0):
+    _, meta, make_input = twins("conv-batchnorm2d", seed=seed)
+    return mamlext.MAML(meta, step_size=0.3, num_steps=steps, bn=bn, batched=batched).to(
+        F64
+    ), make_input
+
+
+def running_stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+
+# ---- .eval() and no_grad ------------------------------------------------------------------
+
+
+def test_eval_mode_does_not_turn_off_gradients_but_no_grad_does():
+    maml, make_input = conv_bn_maml("transductive")
+    x = make_input(4)
+    maml.model.eval()
+    out = maml.model(x)
+    assert out.requires_grad
+    grads = torch.autograd.grad(out.sum(), list(maml.model.parameters()))
+    assert all(g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():
+        assert not maml.model(x).requires_grad
+
+
+def test_query_loss_under_no_grad_gives_no_meta_gradient_and_warns():
+    maml, make_input = conv_bn_maml("transductive")
+    xs, ys, xq, yq = episode(make_input, tasks=2)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"under torch.no_grad\(\).*no graph"):
+        loss, _ = maml(xs, ys, xq, yq)
+    assert not loss.requires_grad
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+def test_meta_test_under_no_grad_still_adapts():
+    """maml.eval() + no_grad: adaptation takes its gradients anyway; the result equals grad mode."""
+    maml, make_input = conv_bn_maml("transductive", steps=1)
+    xs, ys, xq, yq = episode(make_input, tasks=2)
+    maml.eval()
+    with torch.no_grad():
+        loss_no_grad, out_no_grad = maml(xs, ys, xq, yq)
+    loss, out = maml(xs, ys, xq, yq)
+    torch.testing.assert_close(out_no_grad, out.detach())
+    zero_step = maml(xs, ys, xq, yq, num_steps=0)[0]
+    assert loss_no_grad.item() != pytest.approx(zero_step.item())
+
+
+def test_in_place_optimizer_step_in_the_inner_loop_is_fine_tuning_not_maml():
+    """The published recipe (torch.optim.SGD stepping the meta-parameters) loses the meta-gradient."""
+    plain, meta, make_input = twins("mlp-layernorm")
+    xs, ys, xq, yq = episode(make_input, tasks=1)
+    # MAML (higher, copy_initial_weights=False): the exact meta-gradient
+    inner = torch.optim.SGD(plain.parameters(), lr=0.3)
+    with higher.innerloop_ctx(plain, inner, copy_initial_weights=False) as (fmodel, diffopt):
+        diffopt.step(F.cross_entropy(fmodel(xs[0]), ys[0]))
+        maml_grads = torch.autograd.grad(
+            F.cross_entropy(fmodel(xq[0]), yq[0]), list(plain.parameters())
+        )
+    # The recipe: step in place, then backpropagate the query loss
+    sgd = torch.optim.SGD(meta.parameters(), lr=0.3)
+    sgd.zero_grad()
+    F.cross_entropy(meta(xs[0]), ys[0]).backward()
+    sgd.step()
+    recipe_grads = torch.autograd.grad(F.cross_entropy(meta(xq[0]), yq[0]), list(meta.parameters()))
+    # ... which is the query gradient at the adapted point, i.e. first-order MAML at best
+    first_order = mamlext.MAML(
+        twins("mlp-layernorm")[1], step_size=0.3, first_order=True, bn=None
+    ).to(F64)
+    loss, _ = first_order(xs, ys, xq, yq)
+    fo_grads = torch.autograd.grad(loss, list(first_order.model.parameters()))
+    for r, fo in zip(recipe_grads, fo_grads):
+        torch.testing.assert_close(r, fo)
+    assert any((r - m).abs().max() > 1e-3 for r, m in zip(recipe_grads, maml_grads))
+
+
+def test_optimizer_step_before_backward_is_caught_with_a_clear_error():
+    maml, make_input = conv_bn_maml("transductive")
+    xs, ys, xq, yq = episode(make_input, tasks=2)
+    opt = torch.optim.SGD(maml.parameters(), lr=0.1)
+    loss, _ = maml(xs, ys, xq, yq)
+    for p in maml.model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"modified in place after MAML's forward"):
+        loss.backward()
+
+
+# ---- BatchNorm policies ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_transductive_never_touches_running_stats_and_ignores_eval_mode(batched):
+    maml, make_input = conv_bn_maml("transductive", batched=batched)
+    xs, ys, xq, yq = episode(make_input, tasks=3)
+    before = running_stats(maml.model)
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss, _ = maml(xs, ys, xq, yq)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = running_stats(maml.model)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    train_out = maml(xs, ys, xq, yq)[1]
+    maml.eval()
+    torch.testing.assert_close(maml(xs, ys, xq, yq)[1], train_out)
+
+
+@pytest.mark.parametrize("policy", ["per_step", "running"])
+def test_running_policies_same_in_batched_and_per_task_paths(policy):
+    batched, make_input = conv_bn_maml(policy, batched=True)
+    looped, _ = conv_bn_maml(policy, batched=False)
+    xs, ys, xq, yq = episode(make_input, tasks=3)
+    for maml in (batched, looped):
+        for _ in range(2):
+            maml(xs, ys, xq, yq)[0].backward()
+    b, lo = running_stats(batched.model), running_stats(looped.model)
+    assert b.keys() == lo.keys()
+    for k in b:
+        torch.testing.assert_close(b[k], lo[k], msg=lambda m, k=k: f"{k}: {m}")
+    rows = 2 + 1 if policy == "per_step" else 1
+    assert batched.model[1].step_running_mean.shape == (rows, 4)
+    # the running statistics moved, and each set differently under per_step
+    stats = batched.model[1].step_running_mean
+    assert stats.abs().sum() > 0
+    if policy == "per_step":
+        assert not torch.allclose(stats[0], stats[-1])
+    batched.eval()
+    looped.eval()
+    torch.testing.assert_close(batched(xs, ys, xq, yq)[1], looped(xs, ys, xq, yq)[1])
+
+
+@pytest.mark.parametrize("policy", ["per_step", "running"])
+def test_running_stats_are_updated_only_during_meta_training(policy):
+    maml, make_input = conv_bn_maml(policy)
+    xs, ys, xq, yq = episode(make_input, tasks=2)
+    maml(xs, ys, xq, yq)
+    trained = running_stats(maml.model)
+    maml.eval()
+    maml(xs, ys, xq, yq)
+    for k, v in running_stats(maml.model).items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["transductive", "per_step", "running"])
+@pytest.mark.parametrize("training", [True, False])
+def test_no_statistics_leak_from_one_task_into_another(policy, training):
+    maml, make_input = conv_bn_maml(policy)
+    xs, ys, xq, yq = episode(make_input, tasks=3)
+    if not training:
+        maml(xs, ys, xq, yq)  # train the running statistics once
+        maml.eval()
+    _, out = maml(xs, ys, xq, yq)
+    xs2, xq2 = xs.clone(), xq.clone()
+    xs2[1:] = 10 * xs2[1:] + 3  # change every task but the first
+    xq2[1:] = -xq2[1:]
+    _, out2 = maml(xs2, ys, xq2, yq)
+    torch.testing.assert_close(out2[0], out[0])
+
+
+def test_per_step_eval_uses_the_set_of_each_step():
+    maml, make_input = conv_bn_maml("per_step", steps=2)
+    xs, ys, xq, yq = episode(make_input, tasks=2)
+    maml(xs, ys, xq, yq)
+    maml.eval()
+    bn = maml.model[1]
+    _, out = maml(xs, ys, xq, yq)
+    with torch.no_grad():
+        bn.step_running_mean[-1] += 1.0  # the query set's statistics only
+    _, shifted = maml(xs, ys, xq, yq)
+    assert not torch.allclose(out, shifted)
+
+
+def test_higher_never_updates_the_models_running_stats():
+    """Why eval mode after higher-based meta-training gives near-chance accuracy."""
+    plain, _, make_input = twins("conv-batchnorm2d")
+    xs, ys, _, _ = episode(make_input, tasks=1)
+    before = running_stats(plain)
+    inner = torch.optim.SGD(plain.parameters(), lr=0.3)
+    with higher.innerloop_ctx(plain, inner, copy_initial_weights=False) as (fmodel, diffopt):
+        diffopt.step(F.cross_entropy(fmodel(xs[0]), ys[0]))
+        fmodel(xs[0]).sum().backward()
+    for k, v in running_stats(plain).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_eval_mode_batchnorm_with_untrained_stats_at_meta_training_is_an_error():
+    maml, make_input = conv_bn_maml("running")
+    xs, ys, xq, yq = episode(make_input, tasks=2)
+    maml.model.eval()  # the mistake: the model, not the MAML wrapper, in eval mode
+    with pytest.raises(ValueError, match=r"eval mode during meta-training.*never trained"):
+        maml(xs, ys, xq, yq)
+
+
+def test_foreign_batchnorm_needs_an_explicit_choice():
+    model = mm.MetaSequential(mm.MetaLinear(3, 4), nn.BatchNorm1d(4), mm.MetaLinear(4, 2))
+    with pytest.raises(ValueError, match="BatchNorm1d.*metafy.*bn=None"):
+        mamlext.MAML(model)
+    mamlext.MAML(model, bn=None, batched=False)
+
+
+def test_dropout_draws_a_mask_per_task_in_the_batched_path():
+    model = mm.MetaSequential(mm.MetaLinear(4, 64), nn.Dropout(0.5))
+    params = {n: p.expand(3, *p.shape) for n, p in model.meta_named_parameters()}
+    out = model(torch.ones(3, 2, 4), params=params)
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])
+    zero_fraction = (out == 0).double().mean().item()
+    assert 0.4 < zero_fraction < 0.6
