@@ -1,0 +1,5 @@
+import sys
+
+from mamlext.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The command line: ``mamlext train | evaluate | bench | info``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from mamlext.train import ALGORITHMS, DATASETS, TrainConfig
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    a = parser.add_argument
+    a("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)} (default: %(default)s)")
+    a("--data-root", help="folder with Omniglot (zips, torchmeta's hdf5 root, or the npz)")
+    a("--download", action="store_true", help="download Omniglot into --data-root if missing")
+    a("--ways", type=int, default=d.ways)
+    a("--shots", type=int, help="support examples per class (regression: points per task)")
+    a("--query", type=int, help="query examples per class (regression: points per task)")
+    a("--meta-batch", type=int, help="tasks per meta-training step")
+    a("--inner-steps", type=int, help="inner gradient steps during meta-training")
+    a("--test-steps", type=int, help="inner gradient steps at meta-test")
+    a("--step-size", type=float, help="inner learning rate (initial value when learned)")
+    a("--first-order", action="store_true", help="drop second-order terms (FOMAML)")
+    a("--algorithm", default=d.algorithm, help=f"one of {', '.join(ALGORITHMS)}")
+    a("--bn", default=d.bn, help="BatchNorm policy: transductive | per_step | running")
+    a("--meta-lr", type=float, default=d.meta_lr, help="Adam learning rate of the outer loop")
+    a("--iterations", type=int, help="meta-training steps")
+    a("--eval-every", type=int, help="evaluate and checkpoint every N iterations")
+    a(
+        "--eval-tasks",
+        type=int,
+        default=d.eval_tasks,
+        help="meta-test tasks of the final evaluation",
+    )
+    a("--device", default=d.device)
+    a("--seed", type=int, default=d.seed)
+    a("--out", default=None, help="output folder (default: runs/<dataset>)")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--no-plot", dest="plot", action="store_false", help="skip the PNG figures")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if values.get("out") is None:
+        values["out"] = f"runs/{args.dataset}"
+    return TrainConfig(**values)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mamlext.train import train
+
+    result = train(_config(args))
+    if result is None:  # a non-zero rank of a distributed job
+        return 0
+    final = result["final"]
+    if result["config"]["dataset"] == "omniglot":
+        print(
+            f"meta-test accuracy over {final['tasks']} tasks: "
+            f"{100 * final['mean']:.2f} +- {100 * final['ci95']:.2f} % (95% CI)"
+        )
+    else:
+        before = result["before_adaptation"]
+        steps = result["config"]["test_steps"]
+        print(
+            f"meta-test MSE over {final['tasks']} tasks: before adaptation {before['mean']:.3f} "
+            f"+- {before['ci95']:.3f}, after {steps} steps {final['mean']:.3f} +- {final['ci95']:.3f}"
+        )
+    print(f"results, metrics, checkpoint and plots in {result['out']}/")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mamlext.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, tasks=args.tasks, steps=args.steps, device=args.device
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import mamlext
+
+    print(f"mamlext {mamlext.__version__}, torch {torch.__version__}")
+    for device, status in mamlext.backend_info().items():
+        where = f" ({status.library})" if status.library else ""
+        print(f"fused_sgd on {device}: {status.kernel} kernel, {status.reason}{where}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mamlext.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mamlext", description="Fast, exact MAML for PyTorch")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="meta-train (default: sinusoid regression)")
+    _add_train_arguments(train)
+    train.set_defaults(run=_train)
+    evaluate = commands.add_parser("evaluate", help="meta-test a checkpoint")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--tasks", type=int, default=600)
+    evaluate.add_argument("--steps", type=int, help="inner steps (default: the run's test steps)")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(run=_evaluate)
+    bench = commands.add_parser("bench", help="benchmarks against the peers")
+    bench.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--out", default="benchmarks/results", help="folder for CSV/Markdown/PNG")
+    bench.set_defaults(run=_bench)
+    info = commands.add_parser("info", help="which kernel serves fused_sgd, and why")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mamlext.checkpoint import CheckpointError
+    from mamlext.data.omniglot import CorruptDataError
+    from mamlext.distributed import PeerFailure
+
+    try:
+        return args.run(args)
+    except (
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        CheckpointError,
+        CorruptDataError,
+        PeerFailure,
+    ) as error:
+        print(f"mamlext {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"mamlext {args.command}: interrupted (the last checkpoint is intact)", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compatibility layers that make other meta-learning libraries run on current PyTorch."""

@@ -1,0 +1,117 @@
+"""Meta-training over several processes with torch.distributed (launched by torchrun).
+
+Each rank adapts its share of the meta-batch (task-batched) and the meta-gradients are
+averaged with ONE explicit all-reduce of a flat buffer per step. Not DDP: DDP's
+gradient hooks do not support ``torch.autograd.grad``, which every MAML inner step
+calls, and the learned step sizes live outside the model. BatchNorm running statistics
+(policies ``per_step``/``running``) are averaged the same way, so every rank keeps the
+state one process would have with the whole meta-batch.
+
+A rank that dies makes the collectives of the others fail after ``MAMLEXT_DIST_TIMEOUT``
+seconds (default 120) with an error naming the cause, instead of hanging (torchrun also
+stops the remaining workers when one fails).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class PeerFailure(RuntimeError):
+    """Another process of the job stopped answering."""
+
+
+@dataclasses.dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: str = "cpu") -> World:
+        """One process, or the torchrun job described by ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        wanted = torch.device(device)
+        if size <= 1:
+            return cls(0, 1, wanted)
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if wanted.type == "cuda":
+            wanted = torch.device("cuda", local_rank)
+            torch.cuda.set_device(wanted)
+        if not dist.is_initialized():
+            timeout = datetime.timedelta(
+                seconds=float(os.environ.get("MAMLEXT_DIST_TIMEOUT", "120"))
+            )
+            backend = "nccl" if wanted.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timeout)
+        return cls(rank, size, wanted)
+
+    def _collective(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as error:
+            raise PeerFailure(
+                f"rank {self.rank}: a collective operation failed, most likely because another "
+                f"process of the job stopped ({str(error).splitlines()[0]})"
+            ) from None
+
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers."""
+        if self.size > 1:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                self._collective(dist.broadcast, tensor.data, src=0)
+
+    def average_gradients(self, module: nn.Module) -> None:
+        """Average ``.grad`` of every parameter (and the per-step BN statistics) over ranks."""
+        if self.size == 1:
+            return
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        stats = [
+            b
+            for name, b in module.named_buffers()
+            if name.endswith(("step_running_mean", "step_running_var"))
+        ]
+        flat = torch.cat([t.reshape(-1) for t in grads + stats])
+        self._collective(dist.all_reduce, flat)
+        flat /= self.size
+        offset = 0
+        for p, t in zip(params + [None] * len(stats), grads + stats):
+            chunk = flat[offset : offset + t.numel()].view_as(t)
+            offset += t.numel()
+            if p is not None:
+                p.grad = chunk
+            else:
+                t.copy_(chunk)
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean over ranks of a scalar tensor."""
+        if self.size > 1:
+            value = value.detach().clone().reshape(1).to(self.device)
+            self._collective(dist.all_reduce, value)
+            value = value / self.size
+        return float(value)
+
+    def gather_states(self, sampler) -> list[dict[str, Any]] | None:
+        """Every rank's sampler state (on rank 0; ``None`` elsewhere), for checkpoints."""
+        state = sampler.state_dict()
+        if self.size == 1:
+            return [state]
+        gathered: list[Any] = [None] * self.size if self.is_main else None
+        self._collective(dist.gather_object, state, gathered, dst=0)
+        return gathered
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

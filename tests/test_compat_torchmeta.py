@@ -1,0 +1,272 @@
+"""mamlext.compat.torchmeta: real torchmeta 1.8.0 on current torch, each scenario in a fresh
+interpreter (import order matters)."""
+
+import importlib.util
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATA, run_python
+
+needs_torchmeta = pytest.mark.skipif(
+    importlib.util.find_spec("torchmeta") is None,
+    reason="torchmeta 1.8.0 is not installed (pip install --no-deps torchmeta==1.8.0)",
+)
+
+OMNIGLOT = SHARED_DATA / "omniglot"
+
+
+def run_ok(code: str, env: dict | None = None) -> str:
+    proc = run_python(textwrap.dedent(code), env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def write_package(root: Path, files: dict[str, str]) -> dict[str, str]:
+    """Write a fake ``torchvision`` under ``root``; return the env that puts it on sys.path."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(textwrap.dedent(text))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+
+
+@needs_torchmeta
+def test_torchmeta_imports_only_after_the_compat_module():
+    run_ok(
+        """
+        import importlib
+        import mamlext.compat.torchmeta as compat
+        import torchmeta
+        from torchmeta.modules import MetaLinear
+
+        assert MetaLinear(3, 1)(__import__("torch").ones(2, 3)).shape == (2, 1)
+        first = compat.status()
+        assert first.torchmeta == "1.8.0", first
+        assert "torchmeta.utils.data.task.SubsetTask.__getitems__" in first.patches, first
+        import mamlext.compat.torchmeta
+        importlib.reload(compat)  # idempotent: finds its shims in place
+        assert repr(compat.status()) == repr(first), (compat.status(), first)
+        """
+    )
+    plain = run_python("import torchmeta")
+    assert plain.returncode != 0
+    assert "torchvision" in plain.stderr
+
+
+def test_nothing_to_do_without_torchmeta():
+    run_ok(
+        """
+        import sys
+        sys.modules["torchmeta"] = None  # as if not installed
+        import mamlext.compat.torchmeta as compat
+
+        assert compat.status() == compat.CompatStatus("not installed", "untouched")
+        assert "torchvision" not in sys.modules
+        """
+    )
+
+
+@needs_torchmeta
+def test_omniglot_helper_batches_from_the_shared_copy():
+    root = OMNIGLOT / "torchmeta"
+    if not (root / "omniglot" / "data.hdf5").exists():
+        pytest.skip(f"no torchmeta Omniglot copy at {root}")
+    before = sorted((p.name, p.stat().st_mtime) for p in root.rglob("*"))
+    run_ok(
+        """
+        import os
+        import mamlext.compat.torchmeta
+        import torch
+        from torchmeta.datasets.helpers import omniglot
+        from torchmeta.utils.data import BatchMetaDataLoader
+
+        dataset = omniglot(os.environ["ROOT"], ways=5, shots=1, test_shots=15,
+                           meta_train=True, download=True)
+        batch = next(iter(BatchMetaDataLoader(dataset, batch_size=4, num_workers=0)))
+        (train_x, train_y), (test_x, test_y) = batch["train"], batch["test"]
+        assert train_x.shape == (4, 5, 1, 28, 28) and train_y.shape == (4, 5)
+        assert test_x.shape == (4, 75, 1, 28, 28) and test_y.shape == (4, 75)
+        assert train_x.dtype == test_x.dtype == torch.float32
+        for x in (train_x, test_x):
+            assert 0 <= x.min() and x.max() <= 1 and x.max() > 0.5
+        for y in train_y:
+            assert sorted(y.tolist()) == list(range(5))
+        for y in test_y:
+            assert torch.bincount(y, minlength=5).tolist() == [15] * 5
+        """,
+        {"ROOT": str(root)},
+    )
+    assert sorted((p.name, p.stat().st_mtime) for p in root.rglob("*")) == before
+
+
+@needs_torchmeta
+def test_sinusoid_helper_batches():
+    run_ok(
+        """
+        import mamlext.compat.torchmeta
+        from torchmeta.toy.helpers import sinusoid
+        from torchmeta.utils.data import BatchMetaDataLoader
+
+        batch = next(iter(BatchMetaDataLoader(sinusoid(shots=10, test_shots=15), batch_size=3)))
+        for inputs, targets in (batch["train"], batch["test"]):
+            assert inputs.dtype.is_floating_point and targets.dtype.is_floating_point
+        assert batch["train"][0].shape == batch["train"][1].shape == (3, 10, 1)
+        assert batch["test"][0].shape == (3, 15, 1)
+        """
+    )
+
+
+@needs_torchmeta
+def test_gradient_update_parameters_hand_derived():
+    # torchmeta's tests/utils/test_gradient_based.py: f(w) = 0.5 (w . [1, 2, 3])^2 at
+    # w = [2, 3, 5], one step of 0.5, then g = 0.5 (w' . [4, 5, 6])^2 differentiated
+    # through the step.
+    run_ok(
+        """
+        import mamlext.compat.torchmeta
+        import torch
+        from torchmeta.modules import MetaLinear, MetaSequential
+        from torchmeta.utils.gradient_based import gradient_update_parameters
+
+        model = MetaSequential(MetaLinear(3, 1, bias=False))
+        model[0].weight.data = torch.tensor([[2.0, 3.0, 5.0]])
+        loss = 0.5 * model(torch.tensor([[1.0, 2.0, 3.0]])) ** 2
+        params = gradient_update_parameters(model, loss, step_size=0.5)
+        assert loss.item() == 264.5
+        assert list(params) == ["0.weight"]
+        assert params["0.weight"].tolist() == [[-9.5, -20.0, -29.5]]
+
+        test_loss = 0.5 * model(torch.tensor([[4.0, 5.0, 6.0]]), params=params) ** 2
+        (grad,) = torch.autograd.grad(test_loss, model.parameters())
+        assert grad.tolist() == [[3780.0, 8505.0, 13230.0]]
+        """
+    )
+
+
+@needs_torchmeta
+def test_stand_in_transforms_match_torchvision_on_omniglot_pngs():
+    # torchvision's Resize on a PIL image ignores `antialias` and calls PIL's
+    # `img.resize((w, h), BILINEAR)`, whose filter widens with the downscale factor
+    # (antialiased); ToTensor then divides uint8 by 255. The stand-in must match that
+    # exactly, and the shared omniglot_28x28.npz (made "as Resize(28)") independently.
+    if not (OMNIGLOT / "images_background.zip").exists():
+        pytest.skip(f"no Omniglot PNG zip in {OMNIGLOT}")
+    run_ok(
+        """
+        import io, os, sys, zipfile
+        sys.modules["torchvision"] = None  # the stand-in even where a torchvision imports
+        import mamlext.compat.torchmeta
+        import numpy as np, torch, torchvision
+        from PIL import Image, ImageOps
+        from torchmeta.transforms import Rotation
+        from torchvision.transforms import Compose, Resize, ToTensor
+
+        assert torchvision.__mamlext_stub__
+        root = os.environ["OMNIGLOT"]
+        small = np.load(os.path.join(root, "omniglot_28x28.npz"))
+        names = list(small["filenames"])
+        with zipfile.ZipFile(os.path.join(root, "images_background.zip")) as zf:
+            for name in names[:19280:3851]:
+                png = Image.open(io.BytesIO(zf.read(name)))
+                assert png.size == (105, 105)
+                image = ImageOps.invert(png.convert("L"))  # as torchmeta's data.hdf5 holds it
+                out = Compose([Resize(28), ToTensor()])(image)
+                assert out.shape == (1, 28, 28) and out.dtype == torch.float32
+
+                pil = np.asarray(image.resize((28, 28), Image.BILINEAR), dtype=np.float32)
+                assert torch.equal(out[0], torch.from_numpy(pil / 255))
+                as_uint8 = (out[0] * 255).round().to(torch.uint8).numpy()
+                assert np.array_equal(as_uint8, small["images"][names.index(name)])
+
+                # torchmeta's class augmentation: torchvision's rotate is PIL's, nearest
+                rotated = Rotation(90)(image)
+                assert rotated.tobytes() == image.transpose(Image.Transpose.ROTATE_90).tobytes()
+
+                big = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None, None]
+                for antialias, near in ((True, True), (False, False)):
+                    torch_out = torch.nn.functional.interpolate(
+                        big, size=(28, 28), mode="bilinear", antialias=antialias)[0]
+                    assert ((out - torch_out).abs().max() <= 1 / 255) == near, antialias
+        """,
+        {"OMNIGLOT": str(OMNIGLOT)},
+    )
+
+
+@needs_torchmeta
+def test_working_torchvision_gets_the_missing_helper_and_is_kept(tmp_path):
+    env = write_package(
+        tmp_path,
+        {
+            "torchvision/__init__.py": """
+                __version__ = "0.0.fake"
+                from torchvision import datasets, transforms
+                """,
+            "torchvision/transforms/__init__.py": """
+                from torchvision.transforms import functional
+
+                class Compose:
+                    def __init__(self, transforms):
+                        self.transforms = transforms
+
+                Resize = CenterCrop = ToTensor = Compose
+                """,
+            "torchvision/transforms/functional.py": "def rotate(): ...\nhflip = vflip = rotate\n",
+            "torchvision/datasets/__init__.py": "from torchvision.datasets import utils\n",
+            "torchvision/datasets/utils.py": """
+                def list_dir(): ...
+
+                download_url = check_integrity = _save_response_content = list_dir
+                """,
+        },
+    )
+    run_ok(
+        """
+        import types
+        import mamlext.compat.torchmeta as compat
+        import torchmeta.datasets.utils
+        import torchvision
+        import torchvision.datasets.utils as tv_utils
+
+        assert not hasattr(torchvision, "__mamlext_stub__")
+        assert compat.status().torchvision == "real 0.0.fake", compat.status()
+        assert compat.status().patches == (
+            "torchvision.datasets.utils._get_confirm_token",
+            "torchmeta.utils.data.task.SubsetTask.__getitems__",
+        ), compat.status()
+        assert tv_utils._save_response_content is tv_utils.list_dir  # the fake's own, kept
+        assert torchmeta.datasets.utils._get_confirm_token is tv_utils._get_confirm_token
+        response = types.SimpleNamespace(cookies={"NID": "1", "download_warning_9": "token"})
+        assert tv_utils._get_confirm_token(response) == "token"
+        """,
+        env,
+    )
+
+
+@needs_torchmeta
+def test_torchvision_whose_import_raises_is_replaced_by_the_stand_in(tmp_path):
+    env = write_package(
+        tmp_path,
+        {
+            "torchvision/__init__.py": """
+                from torchvision import extension
+                raise RuntimeError("operator torchvision::nms does not exist")
+                """,
+            "torchvision/extension.py": "",
+        },
+    )
+    run_ok(
+        """
+        import sys
+        import mamlext.compat.torchmeta as compat
+        import torchmeta
+        import torchvision
+
+        assert torchvision.__mamlext_stub__
+        reason = "RuntimeError: operator torchvision::nms does not exist"
+        assert compat.status().torchvision == f"stand-in ({reason})", compat.status()
+        assert "torchvision.extension" not in sys.modules  # the half-imported one is gone
+        """,
+        env,
+    )
