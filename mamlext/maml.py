@@ -40,6 +40,9 @@ from mamlext.ops import fused_sgd
 
 LossFn = Callable[..., Tensor]
 STEP_SIZE_MODES = ("fixed", "per_element", "per_layer_per_step")
+# Measured on a 2-core CPU (benchmarks/RESULTS.md): batching all tasks wins on MAML's
+# Omniglot 5-way 1-shot setting (10 samples per task) and loses from ~40 samples per task.
+CPU_BATCHED_MAX_SAMPLES = 16
 
 
 class MAML(nn.Module):
@@ -61,7 +64,10 @@ class MAML(nn.Module):
         num_test_steps: inner steps in eval mode (meta-test); default ``num_steps``.
         batched: ``True`` adapts all tasks in one pass; ``False`` loops over tasks (any
             MetaModule, torchmeta's included); ``"auto"`` batches when every submodule is
-            one mamlext knows how to batch.
+            one mamlext knows how to batch and, on the CPU, when tasks are small (at most
+            ``CPU_BATCHED_MAX_SAMPLES`` support + query samples per task: with larger tasks
+            the CPU is compute-bound and the per-task loop measured faster, see
+            ``benchmarks/RESULTS.md``).
         allow_unused: let adapted parameters that the loss does not use stay unchanged
             instead of raising.
         bn: the BatchNorm statistics policy of every Meta BatchNorm layer (see
@@ -107,7 +113,13 @@ class MAML(nn.Module):
         self.loss_fn = loss_fn
         self.step_size_mode = step_size_mode
         self.allow_unused = allow_unused
-        self.batched = batchable(model) if batched == "auto" else batched
+        self.batched = batched
+        self._batchable = batchable(model)
+        if batched is True and not self._batchable:
+            raise ValueError(
+                "batched=True needs a model built only from mamlext's Meta layers and per-sample "
+                "modules (a custom forward cannot be task-batched); use batched='auto' or False"
+            )
         self.bn = bn
         _set_bn_policy(model, bn, num_steps)
         self._loss_takes_reduction = _accepts_reduction(loss_fn)
@@ -149,7 +161,7 @@ class MAML(nn.Module):
         """
         num_tasks = _check_tasks(self.model, support_x=support_x, support_y=support_y)
         steps = self._steps(num_steps)
-        if self.batched:
+        if self.use_batched(support_x):
             return self._adapt_batched(support_x, support_y, steps)
         per_task = [self._adapt_one(support_x[t], support_y[t], steps) for t in range(num_tasks)]
         return OrderedDict(
@@ -194,8 +206,17 @@ class MAML(nn.Module):
             loss.grad_fn.register_prehook(self._in_place_guard(versions))
         return loss, outputs
 
+    def use_batched(self, support_x: Tensor, query_x: Tensor | None = None) -> bool:
+        """Whether this meta-batch is adapted task-batched (see ``batched``)."""
+        if self.batched != "auto":
+            return bool(self.batched)
+        samples = support_x.shape[1] + (0 if query_x is None else query_x.shape[1])
+        return self._batchable and (
+            support_x.device.type != "cpu" or samples <= CPU_BATCHED_MAX_SAMPLES
+        )
+
     def _meta_loss(self, support_x, support_y, query_x, query_y, num_tasks, steps):
-        if self.batched:
+        if self.use_batched(support_x, query_x):
             fast = self._adapt_batched(support_x, support_y, steps)
             with forward_position(Position(query=True)):
                 outputs = self.model(query_x, params=fast)

@@ -15,9 +15,12 @@ layer                  input                          parameter
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from mamlext.modules.module import MetaModule, Params, check_task_input, per_task, task_count
 
@@ -80,18 +83,61 @@ class _MetaConvNd(MetaModule):
             return self._conv(input, weight, bias, self.groups)
         spatial = len(self.kernel_size)
         check_task_input(input, num_tasks, self, min_dim=spatial + 3)
-        # All tasks in one grouped convolution: tasks become channel groups,
-        # [T, N, C, *S] -> [N, T*C, *S] (free when the input is N-major, as every
-        # output of this layer is).
         weight = per_task(weight, self.weight, num_tasks)
-        x = input.transpose(0, 1).flatten(1, 2)
-        out = self._conv(
-            x,
-            weight.flatten(0, 1),
-            None if bias is None else per_task(bias, self.bias, num_tasks).flatten(),
-            num_tasks * self.groups,
+        bias = None if bias is None else per_task(bias, self.bias, num_tasks)
+        if self._use_matmul(input):
+            return self._batched_matmul_conv(input, weight, bias)
+        return self._grouped_conv(input, weight, bias)
+
+    def _use_matmul(self, input: Tensor) -> bool:
+        # On the CPU, the backward of a grouped convolution with few input channels per
+        # group (the first layer of an image net) is very slow in oneDNN (~10x the
+        # matmul form, benchmarks/RESULTS.md); with many channels the grouped form wins.
+        fan_in = self.in_channels // self.groups * math.prod(self.kernel_size)
+        return (
+            input.device.type == "cpu"
+            and len(self.kernel_size) == 2
+            and self.groups == 1
+            and not isinstance(self.padding, str)
+            and fan_in <= 32
         )
+
+    def _grouped_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """All tasks in one grouped convolution: tasks become channel groups.
+
+        ``[T, N, C, *S] -> [N, T*C, *S]`` is free when the input is N-major, as every
+        output of this layer is.
+        """
+        num_tasks = input.shape[0]
+        x = input.transpose(0, 1).flatten(1, 2)
+        flat_bias = None if bias is None else bias.flatten()
+        out = self._conv(x, weight.flatten(0, 1), flat_bias, num_tasks * self.groups)
         return out.unflatten(1, (num_tasks, -1)).transpose(0, 1)
+
+    def _batched_matmul_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution as im2col + batched matmul: ``[T, N*L, C*k*k] @ [T, C*k*k, O]``."""
+        num_tasks, n = input.shape[:2]
+        x = input.flatten(0, 1)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)  # [T*N, Ckk, L]
+        h, w = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                x.shape[-2:], _pair(padding), self.dilation, self.kernel_size, self.stride
+            )
+        )
+        cols = cols.unflatten(0, (num_tasks, n)).transpose(2, 3).flatten(1, 2)  # [T, N*L, Ckk]
+        kernel = weight.flatten(2).transpose(1, 2)  # [T, Ckk, O]
+        out = (
+            torch.bmm(cols, kernel)
+            if bias is None
+            else torch.baddbmm(bias.unsqueeze(1), cols, kernel)
+        )
+        # [T, N*L, O] -> [T, N, O, H, W], N-major like the grouped path's output
+        return out.unflatten(1, (n, h, w)).permute(1, 0, 4, 2, 3).contiguous().transpose(0, 1)
 
 
 class MetaConv1d(nn.Conv1d, _MetaConvNd):
