@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         CorruptDataError,
         PeerFailure,
     ) as error:
-        print(f"mamlext {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"mamlext {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -65,7 +65,7 @@ def gradient_update_parameters(
     Returns:
         The updated parameters, by name, in ``params``' order.
     """
-    if not isinstance(model, MetaModule):
+    if not hasattr(model, "meta_named_parameters"):  # mamlext's or torchmeta's MetaModule
         raise TypeError(f"model must be a MetaModule, got {type(model).__name__}")
     if params is None:
         params = OrderedDict(model.meta_named_parameters())

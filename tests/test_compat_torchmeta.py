@@ -234,6 +234,7 @@ def test_working_torchvision_gets_the_missing_helper_and_is_kept(tmp_path):
         assert compat.status().patches == (
             "torchvision.datasets.utils._get_confirm_token",
             "torchmeta.utils.data.task.SubsetTask.__getitems__",
+            "mamlext.modules.MetaModule.__bases__ = (torchmeta.modules.MetaModule,)",
         ), compat.status()
         assert tv_utils._save_response_content is tv_utils.list_dir  # the fake's own, kept
         assert torchmeta.datasets.utils._get_confirm_token is tv_utils._get_confirm_token
@@ -270,3 +271,40 @@ def test_torchvision_whose_import_raises_is_replaced_by_the_stand_in(tmp_path):
         """,
         env,
     )
+
+
+def test_torchmeta_and_mamlext_layers_mix_in_one_model_inside_mamlext_maml():
+    """torchmeta's Meta layers inside mamlext containers and the other way round, under
+    mamlext.MAML (per-task loop), equal higher on the plain twin model."""
+    code = """
+import mamlext.compat.torchmeta
+import higher, torch, torch.nn.functional as F
+import torchmeta.modules as tm
+import mamlext
+from mamlext import modules as mm
+from torch import nn
+torch.manual_seed(0)
+plain = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)), nn.Tanh(), nn.Linear(5, 3)).double()
+mixed = mm.MetaSequential(tm.MetaSequential(mm.MetaLinear(4, 6), nn.Tanh(), tm.MetaLinear(6, 5)), nn.Tanh(), tm.MetaLinear(5, 3)).double()
+mixed.load_state_dict(plain.state_dict())
+assert [n for n, _ in mixed.meta_named_parameters()] == [n for n, _ in plain.named_parameters()]
+xs, xq = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 4, dtype=torch.float64)
+ys, yq = torch.randint(0, 3, (2, 6)), torch.randint(0, 3, (2, 6))
+maml = mamlext.MAML(mixed, step_size=0.3, num_steps=2)
+assert not maml.use_batched(xs, xq)
+loss, _ = maml(xs, ys, xq, yq)
+ours = torch.autograd.grad(loss, list(mixed.parameters()))
+losses = []
+for t in range(2):
+    with higher.innerloop_ctx(plain, torch.optim.SGD(plain.parameters(), lr=0.3), copy_initial_weights=False) as (f, d):
+        for _ in range(2):
+            d.step(F.cross_entropy(f(xs[t]), ys[t]))
+        losses.append(F.cross_entropy(f(xq[t]), yq[t]))
+ref = torch.autograd.grad(torch.stack(losses).mean(), list(plain.parameters()))
+for a, b in zip(ours, ref):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+print("OK")
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("OK")

@@ -54,7 +54,7 @@ def test_fused_sgd_in_higher_equals_higher(name):
     reference = meta_gradient(plain, xs, ys, xq, yq, make_opt)
     for f, r in zip(fused, reference):
         torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
-    assert F64 == fused[0].dtype
+    assert fused[0].dtype == F64
 
 
 def test_learned_lr_tensor_override_reaches_the_rate():

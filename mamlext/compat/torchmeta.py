@@ -297,6 +297,23 @@ def _subset_task_getitems(self: Any, indices: Sequence[int]) -> list[Any]:
     return [self[i] for i in indices]
 
 
+def _adopt_mamlext_modules() -> str:
+    """Make every mamlext Meta layer an instance of torchmeta's ``MetaModule``.
+
+    torchmeta's containers route ``params`` only to children that pass
+    ``isinstance(child, torchmeta.modules.MetaModule)``; giving mamlext's base class that
+    base (both derive from ``nn.Module`` alone) lets the two libraries' layers mix in one
+    model, either way round.
+    """
+    from torchmeta.modules import MetaModule as TorchmetaMetaModule
+
+    from mamlext.modules.module import MetaModule
+
+    if not issubclass(MetaModule, TorchmetaMetaModule):
+        MetaModule.__bases__ = (TorchmetaMetaModule,)
+    return "mamlext.modules.MetaModule.__bases__ = (torchmeta.modules.MetaModule,)"
+
+
 def _bridge() -> CompatStatus:
     """Idempotent: a second call finds its shims in place and reports the same."""
     if importlib.util.find_spec("torchmeta") is None:
@@ -320,6 +337,7 @@ def _bridge() -> CompatStatus:
         SubsetTask.__getitems__ = _subset_task_getitems
     if _ours(vars(SubsetTask)["__getitems__"]):
         patches.append("torchmeta.utils.data.task.SubsetTask.__getitems__")
+    patches.append(_adopt_mamlext_modules())
     version = getattr(torchmeta, "__version__", "(no __version__)")
     return CompatStatus(version, torchvision, tuple(patches))
 

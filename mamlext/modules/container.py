@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mamlext.modules.module import MetaModule, Params, fold_tasks, task_count, unfold_tasks
+from mamlext.modules.module import (
+    MetaModule,
+    Params,
+    fold_tasks,
+    is_meta_module,
+    task_count,
+    unfold_tasks,
+)
 
 # Plain modules that act element by element: in a task-batched call they take the
 # [T, N, ...] tensor as it is; any other plain module sees tasks folded into its batch.
@@ -16,7 +23,7 @@ ELEMENTWISE = (
 
 def call_child(module: nn.Module, input: Tensor, params: Params | None) -> Tensor:
     """Call one child: Meta children get ``params``; plain ones see folded tasks."""
-    if isinstance(module, MetaModule):
+    if is_meta_module(module):
         return module(input, params=params)
     num_tasks = task_count()
     if num_tasks is None or isinstance(module, ELEMENTWISE):

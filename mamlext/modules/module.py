@@ -55,7 +55,7 @@ class MetaModule(nn.Module):
     ) -> Iterator[tuple[str, nn.Parameter]]:
         """Named parameters that belong to MetaModules (the ones ``params`` may replace)."""
         gen = self._named_members(
-            lambda module: module._parameters.items() if isinstance(module, MetaModule) else [],
+            lambda module: module._parameters.items() if is_meta_module(module) else [],
             prefix=prefix,
             recurse=recurse,
         )
@@ -107,6 +107,13 @@ class MetaModule(nn.Module):
             return super().__call__(*args, **kwargs)
         with task_batched(num_tasks):
             return super().__call__(*args, **kwargs)
+
+
+def is_meta_module(module: nn.Module) -> bool:
+    """A module that takes ``params=``: mamlext's, or another library's (torchmeta's)."""
+    return isinstance(module, MetaModule) or callable(
+        getattr(module, "meta_named_parameters", None)
+    )
 
 
 def infer_task_count(module: nn.Module, params: Params) -> int | None:

@@ -1,0 +1,155 @@
+"""mamlext train/evaluate: learning, resume, atomic checkpoints, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mamlext.checkpoint import load_checkpoint, save_checkpoint
+from mamlext.train import TrainConfig, train
+from tests.conftest import REPO, SHARED_DATA
+
+OMNIGLOT = SHARED_DATA / "omniglot"
+
+
+def quiet(**kwargs) -> TrainConfig:
+    return TrainConfig(progress=False, plot=False, **kwargs)
+
+
+def test_sinusoid_adaptation_helps(tmp_path):
+    result = train(quiet(iterations=400, eval_every=400, eval_tasks=200, out=str(tmp_path)))
+    before, after = result["before_adaptation"], result["final"]
+    assert after["mean"] + after["ci95"] < before["mean"] - before["ci95"], (before, after)
+
+
+@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+def test_omniglot_smoke_training_clearly_beats_chance(tmp_path):
+    config = quiet(
+        dataset="omniglot", data_root=str(OMNIGLOT), ways=5, shots=1, meta_batch=8,
+        iterations=60, eval_every=60, eval_tasks=200, out=str(tmp_path),
+    )  # fmt: skip
+    final = train(config)["final"]
+    chance = 1 / 5
+    assert final["mean"] - final["ci95"] > chance + 0.15, final
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 60 and "eval" in json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "metasgd", "mamlpp", "anil"])
+def test_every_algorithm_trains(tmp_path, algorithm):
+    result = train(
+        quiet(algorithm=algorithm, iterations=5, eval_every=5, eval_tasks=10, out=str(tmp_path))
+    )
+    assert result["final"]["tasks"] == 10
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(quiet(iterations=20, eval_every=10, eval_tasks=10, out=str(whole)))
+    train(quiet(iterations=10, eval_every=10, eval_tasks=10, out=str(part)))
+    train(quiet(iterations=20, eval_every=10, eval_tasks=10, out=str(part), resume=True))
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = read(whole), read(part)
+    assert [r["iteration"] for r in b] == list(range(1, 21))
+    for ra, rb in zip(a, b):
+        ra.pop("seconds", None), rb.pop("seconds", None)
+        assert ra == rb
+
+
+def test_an_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"iteration": 1, "x": torch.ones(3)}, path)
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"iteration": 2, "x": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["iteration"] == 1 and list(tmp_path.iterdir()) == [path]
+
+
+def cli(*args: str):
+    return subprocess.run(
+        [sys.executable, "-m", "mamlext", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (["train", "--algorithm", "reptile"], "unknown algorithm 'reptile'"),
+        (["train", "--dataset", "omniglot"], "needs --data-root"),
+        (["train", "--dataset", "omniglot", "--data-root", "/nonexistent"], "download"),
+        (
+            ["train", "--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--ways", "5000"],
+            "5000",
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                "omniglot",
+                "--data-root",
+                str(OMNIGLOT),
+                "--shots",
+                "15",
+                "--query",
+                "10",
+            ],
+            "15",
+        ),
+        (["train", "--out", "/proc/forbidden/run"], "cannot write to the output folder"),
+        (["train", "--iterations", "0"], "--iterations must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message):
+    result = cli(*args, "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr
+
+
+def test_corrupt_checkpoint_on_resume_and_evaluate(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    for args in (
+        ["train", "--resume", "--out", str(tmp_path)],
+        ["evaluate", str(tmp_path / "checkpoint.pt")],
+    ):
+        result = cli(*args)
+        assert result.returncode == 2 and "corrupt or unreadable" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+
+
+def test_cli_train_then_evaluate(tmp_path):
+    result = cli(
+        "train",
+        "--iterations",
+        "30",
+        "--eval-every",
+        "30",
+        "--eval-tasks",
+        "20",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "meta-test MSE over 20 tasks" in result.stdout
+    for name in ("checkpoint.pt", "metrics.jsonl", "final.json", "learning_curves.png", "fits.png"):
+        assert (tmp_path / name).exists(), name
+    evaluated = cli("evaluate", str(tmp_path / "checkpoint.pt"), "--tasks", "20")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["tasks"] == 20
