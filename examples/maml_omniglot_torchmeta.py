@@ -59,9 +59,7 @@ def train_per_task(model, batch, args):
     test_inputs, test_targets = (t.to(args.device) for t in batch["test"])
     outer_loss = torch.tensor(0.0, device=args.device)
     acc = torch.tensor(0.0, device=args.device)
-    for task, (xs, ys, xq, yq) in enumerate(
-        zip(train_inputs, train_targets, test_inputs, test_targets)
-    ):
+    for xs, ys, xq, yq in zip(train_inputs, train_targets, test_inputs, test_targets):
         params = None
         for _ in range(args.num_steps):
             inner_loss = F.cross_entropy(model(xs, params=params), ys)
