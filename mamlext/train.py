@@ -160,10 +160,11 @@ def evaluate(
     return {"mean": mean, "ci95": 1.96 * std / math.sqrt(len(values)), "tasks": len(values)}
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
+def train(config: TrainConfig) -> dict[str, Any] | None:
     """Meta-train, evaluate, write metrics/checkpoints/plots under ``config.out``.
 
-    Returns the final evaluation (and where the files are).
+    Returns the final evaluation (and where the files are); ``None`` on the other ranks
+    of a distributed job, where only rank 0 evaluates and writes.
     """
     config = config.resolved()
     world = distributed.World.from_environment(config.device)
@@ -237,6 +238,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
     progress.close()
+    world.close()
+    if not world.is_main:
+        return None
 
     final = evaluate(
         maml, eval_sampler.spawn(0), config.eval_tasks, local_batch, device, regression
