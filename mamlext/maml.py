@@ -189,22 +189,65 @@ class MAML(nn.Module):
         num_tasks = _check_tasks(
             self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
         )
-        steps = self._steps(num_steps)
-        self._check_modes()
         versions = {name: p._version for name, p in self.model.named_parameters()}
-        records = contextlib.nullcontext()
-        if self.training and self.bn in ("per_step", "running"):
-            records = recording_batch_stats()
-        with records as recorded:
+        with self._meta_batch():
             loss, outputs = self._meta_loss(
-                support_x, support_y, query_x, query_y, num_tasks, steps
+                support_x, support_y, query_x, query_y, num_tasks, self._steps(num_steps)
             )
-        if recorded:
-            for layer in {layer for layer, _ in recorded}:
-                layer.commit_running_stats(recorded)
         if loss.grad_fn is not None:
             loss.grad_fn.register_prehook(self._in_place_guard(versions))
         return loss, outputs
+
+    def meta_backward(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        num_steps: int | None = None,
+        tasks_per_pass: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``forward`` then ``backward``, in passes of ``tasks_per_pass`` tasks.
+
+        The meta-gradients accumulated into ``.grad`` equal those of
+        ``maml(...)[0].backward()``, but only one pass's graph is alive at a time: the
+        peak memory of a per-task loop with per-task backward (as higher's examples do).
+        Default: all tasks in one pass on the task-batched path, one task per pass on the
+        per-task path.
+
+        Returns:
+            ``(loss, outputs)`` as ``forward``, detached.
+        """
+        num_tasks = _check_tasks(
+            self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
+        )
+        if tasks_per_pass is None:
+            tasks_per_pass = num_tasks if self.use_batched(support_x, query_x) else 1
+        steps = self._steps(num_steps)
+        losses, outputs = [], []
+        with self._meta_batch():
+            for start in range(0, num_tasks, tasks_per_pass):
+                part = slice(start, start + tasks_per_pass)
+                size = support_x[part].shape[0]
+                loss, out = self._meta_loss(
+                    support_x[part], support_y[part], query_x[part], query_y[part], size, steps
+                )
+                (loss * (size / num_tasks)).backward()
+                losses.append(loss.detach() * size)
+                outputs.append(out.detach())
+        return torch.stack(losses).sum() / num_tasks, torch.cat(outputs)
+
+    @contextlib.contextmanager
+    def _meta_batch(self):
+        """Checks before a meta-batch; BatchNorm statistics committed once after it."""
+        self._check_modes()
+        if not (self.training and self.bn in ("per_step", "running")):
+            yield
+            return
+        with recording_batch_stats() as recorded:
+            yield
+        for layer in {layer for layer, _ in recorded}:
+            layer.commit_running_stats(recorded)
 
     def use_batched(self, support_x: Tensor, query_x: Tensor | None = None) -> bool:
         """Whether this meta-batch is adapted task-batched (see ``batched``)."""

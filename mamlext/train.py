@@ -204,14 +204,12 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     began = time.perf_counter()
     for iteration in range(start, config.iterations):
         xs, ys, xq, yq = to_device(sampler.sample(local_batch), device)
-        loss, outputs = maml(xs, ys, xq, yq)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, outputs = maml.meta_backward(xs, ys, xq, yq)  # per-task passes: low memory
         world.average_gradients(maml)
         optimizer.step()
-        with torch.no_grad():
-            metric = world.mean(task_metric(outputs.detach(), yq, regression).mean())
-            loss_value = world.mean(loss.detach())
+        metric = world.mean(task_metric(outputs, yq, regression).mean())
+        loss_value = world.mean(loss)
         running = metric if running is None else 0.95 * running + 0.05 * metric
         progress.set_postfix(
             {"loss": f"{loss_value:.3f}", "mse" if regression else "acc": f"{running:.3f}"}

@@ -246,3 +246,28 @@ def test_meta_test_step_count_and_memory_does_not_grow():
     assert counts[1] == counts[-1], counts
     maml.eval()
     assert maml._steps(None) == 3
+
+
+@pytest.mark.parametrize("tasks_per_pass", [None, 1, 2])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-task"])
+def test_meta_backward_equals_forward_then_backward(batched, tasks_per_pass):
+    results = []
+    for use_meta_backward in (False, True):
+        _, meta, make_input = twins("conv-batchnorm2d")
+        maml = mamlext.MAML(
+            meta, step_size=0.3, num_steps=2, batched=batched, bn="per_step",
+            step_size_mode="per_layer_per_step",
+        ).to(F64)  # fmt: skip
+        xs, ys, xq, yq = episode(make_input, tasks=3)
+        if use_meta_backward:
+            loss, out = maml.meta_backward(xs, ys, xq, yq, tasks_per_pass=tasks_per_pass)
+        else:
+            loss, out = maml(xs, ys, xq, yq)
+            loss.backward()
+        grads = [p.grad for p in maml.parameters()]
+        results.append((loss.detach(), out.detach(), grads, dict(maml.model.named_buffers())))
+    (l0, o0, g0, b0), (l1, o1, g1, b1) = results
+    torch.testing.assert_close(l1, l0, **TOL)
+    torch.testing.assert_close(o1, o0, **TOL)
+    torch.testing.assert_close(g1, g0, **TOL)
+    torch.testing.assert_close(b1, b0, **TOL)
