@@ -53,6 +53,7 @@ from mamlext import bench_op
 META_LR = 1e-3
 SEED_MODEL, SEED_BATCH = 0, 1
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+Layer = Callable[..., nn.Module]  # a layer class: nn.Conv2d, torchmeta's MetaConv2d, ...
 
 
 # ---- configs -----------------------------------------------------------------------------
@@ -98,9 +99,10 @@ CONFIGS = {
 FULL_CONFIGS = ("A", "A5", "B", "B5", "C", "mini")  # C already has 5 steps
 QUICK_CONFIGS = ("A", "B", "C")
 FLOAT64_CONFIGS = ("A",)  # float64 correctness too (cheap there)
+EXACT_F32 = 1e-4  # float32 relative error below which a meta-gradient counts as exact
 
 
-def conv4(cfg: Config, conv, norm, seq, linear) -> nn.Module:
+def conv4(cfg: Config, conv: Layer, norm: Layer, seq: Layer, linear: Layer) -> nn.Module:
     """4 x [conv3x3 (padding 1), BatchNorm, ReLU, MaxPool2d(2)], Flatten, Linear."""
     layers: list[nn.Module] = []
     channels, size = cfg.channels, cfg.size
@@ -117,7 +119,9 @@ def seed_model(cfg: Config) -> nn.Module:
     return conv4(cfg, nn.Conv2d, nn.BatchNorm2d, nn.Sequential, nn.Linear)
 
 
-def twin(cfg: Config, like: Tensor, conv, norm, seq, linear) -> nn.Module:
+def twin(
+    cfg: Config, like: Tensor, conv: Layer, norm: Layer, seq: Layer, linear: Layer
+) -> nn.Module:
     """A Conv-4 built from other layer classes, holding the seed model's weights."""
     model = conv4(cfg, conv, norm, seq, linear)
     missing, _ = model.load_state_dict(seed_model(cfg).state_dict(), strict=False)
@@ -304,8 +308,7 @@ def build_mamlext(cfg: Config, batch: Batch, batched: bool | str = "auto") -> Pe
     path = "batched" if maml.use_batched(batch.xs, batch.xq) else "per-task"
 
     def backward() -> None:
-        loss, _ = maml(*batch)
-        loss.backward()
+        maml.meta_backward(*batch)  # the training loop's call: per-pass backward
 
     return make_peer(list(model.parameters()), backward, path)
 
@@ -326,7 +329,9 @@ NOTES = {
 }
 
 
-def plan(quick: bool, configs: Iterable[str] | None = None, peers: Iterable[str] | None = None):
+def plan(
+    quick: bool, configs: Iterable[str] | None = None, peers: Iterable[str] | None = None
+) -> list[tuple[str, str]]:
     """The (config, peer) pairs to measure, higher first in each config (the reference)."""
     configs = list(configs or (QUICK_CONFIGS if quick else FULL_CONFIGS))
     chosen = list(peers or (QUICK_PEERS if quick else PEERS))
@@ -353,6 +358,7 @@ class MemoryMeter:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.reset, self.baseline = False, 0.0
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -514,11 +520,11 @@ def run(
     configs: Iterable[str] | None = None,
     peers: Iterable[str] | None = None,
     timeout: float | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> list[dict]:
     """Measure every planned pair, each in its own subprocess; rows with speed-ups."""
     warmup, repeats = timing_plan(device, quick)
-    timeout = timeout or (300 if quick else 1200)
+    timeout = timeout or (180 if quick else 1200)
     unavailable: dict[str, dict] = {}  # a library that did not import is not retried
     rows = []
     with tempfile.TemporaryDirectory(prefix="mamlext-bench-") as ref_dir:
@@ -543,15 +549,20 @@ def summary(row: dict) -> str:
     return text + (f" ({row['error']})" if row.get("error") else "")
 
 
+def exact(row: dict) -> bool:
+    """Whether the row's float32 meta-gradient was checked and agrees with higher's."""
+    return row.get("err_f32") is not None and row["err_f32"] < EXACT_F32
+
+
 def add_speedups(rows: list[dict]) -> list[dict]:
-    """``speedup`` = higher's median / the peer's, and ``best`` per config."""
+    """``speedup`` = higher's median / the peer's; ``best``: the fastest exact peer."""
     higher = {r["config"]: r.get("median_ms") for r in rows if r["peer"] == "higher"}
     for r in rows:
         base, ms = higher.get(r["config"]), r.get("median_ms")
         r["speedup"] = base / ms if base and ms else None
         r["best"] = False
     for config in {r["config"] for r in rows}:
-        timed = [r for r in rows if r["config"] == config and r["speedup"] is not None]
+        timed = [r for r in rows if r["config"] == config and r["speedup"] and exact(r)]
         if timed:
             max(timed, key=lambda r: r["speedup"])["best"] = True
     return rows
@@ -577,7 +588,7 @@ def _note(row: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as a Markdown table; the best speed-up of each config in bold."""
+    """The rows as a Markdown table; the best speed-up of an exact peer in bold."""
     keys = [k for k in COLUMNS if k == "note" or any(r.get(k) is not None for r in rows)]
     lines = [
         "| " + " | ".join(COLUMNS[k][0] for k in keys) + " |",
@@ -593,28 +604,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CSV_FIELDS = [*COLUMNS, "best", "status"]  # numbers unformatted
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
-    fields = [
-        "config",
-        "peer",
-        "status",
-        "path",
-        "median_ms",
-        "speedup",
-        "best",
-        "peak_mb",
-        "err_f32",
-        "err_f64",
-        "note",
-    ]
+    """One line per row, the numbers unformatted; ``note`` holds errors and flags."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({**r, "note": _note(r)} for r in rows)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Grouped bars: speed-up vs higher per config (groups) and peer (bars)."""
+    """Grouped bars: speed-up vs higher per config (groups) and peer (bars); hatched: a
+    peer whose meta-gradient is not exact somewhere."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -631,7 +634,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for i, peer in enumerate(peers):
         values = {r["config"]: r["speedup"] for r in rows if r["peer"] == peer}
         xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(configs))]
-        ax.bar(xs, [values.get(c) or 0 for c in configs], width, label=peer)
+        wrong = any(r["peer"] == peer and r["speedup"] and not exact(r) for r in rows)
+        label = f"{peer} (meta-gradient not exact)" if wrong else peer
+        ax.bar(
+            xs,
+            [values.get(c) or 0 for c in configs],
+            width,
+            label=label,
+            hatch="//" if wrong else None,
+        )
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(range(len(configs)), configs)
     ax.set_ylabel("speed-up vs higher (higher = 1)")
@@ -685,6 +696,7 @@ def header(device: str, quick: bool, configs: list[str]) -> str:
         ),
         "rel. err.: ||g - g_higher|| / ||g_higher|| of the meta-gradient from the initial "
         f"weights on the same batch, float32 (TF32 off); float64 for {', '.join(FLOAT64_CONFIGS)}",
+        f"bold: the fastest peer whose meta-gradient is exact (rel. err. f32 < {EXACT_F32:g})",
         "configs:",
         *(f"- {CONFIGS[c].describe()}" for c in configs),
     ]

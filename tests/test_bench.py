@@ -64,3 +64,17 @@ def test_quick_plan():
     assert {c for c, p in pairs if p == "torch.func"} == {"A"}
     with pytest.raises(ValueError, match="unknown"):
         bench.plan(quick=True, peers=["nope"])
+
+
+def test_best_is_the_fastest_exact_peer():
+    rows = [
+        {"config": "A", "peer": "higher", "median_ms": 10.0, "err_f32": 0.0},
+        {"config": "A", "peer": "torch.func", "median_ms": 2.0, "err_f32": 1e-2},
+        {"config": "A", "peer": "mamlext", "median_ms": 5.0, "err_f32": 1e-7},
+        {"config": "A", "peer": "torchmeta", "status": "error", "error": "timed out"},
+    ]
+    by_peer = {r["peer"]: r for r in bench.add_speedups(rows)}
+    assert by_peer["torch.func"]["speedup"] == 5.0 and not by_peer["torch.func"]["best"]
+    assert by_peer["mamlext"]["best"] and by_peer["mamlext"]["speedup"] == 2.0
+    assert by_peer["torchmeta"]["speedup"] is None
+    assert "timed out" in bench.markdown(rows)

@@ -1,0 +1,13 @@
+"""Entry point: ``python benchmarks/bench_maml.py [--quick] [--device cpu|cuda] [--out DIR]``.
+
+The benchmark itself (peers, configs, workers, tables, chart) lives in :mod:`mamlext.bench`,
+so that ``mamlext bench`` runs the same code from an installed package. Extra options:
+``--configs``, ``--peers`` (only those) and ``--timeout`` (seconds per measurement).
+"""
+
+import sys
+
+from mamlext.bench import build_parser, main
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
