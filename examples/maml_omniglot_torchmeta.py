@@ -11,6 +11,10 @@ task-batched ``mamlext.MAML`` (same data, same algorithm, all tasks at once).
 
 import argparse
 
+# isort: off
+import mamlext.compat.torchmeta  # noqa: F401  (mamlext: torchmeta on current torch; first)
+
+# isort: on
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +22,6 @@ from torchmeta.datasets.helpers import omniglot
 from torchmeta.modules import MetaBatchNorm2d, MetaConv2d, MetaLinear, MetaModule, MetaSequential
 from torchmeta.utils.data import BatchMetaDataLoader
 
-import mamlext.compat.torchmeta  # noqa: F401  (mamlext: torchmeta on current torch)
 from mamlext import gradient_update_parameters  # mamlext: was torchmeta.utils.gradient_based
 
 
