@@ -222,11 +222,10 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             ("mse" if regression else "accuracy"): metric,
         }
         if step % config.eval_every == 0 or step == config.iterations:
-            evaluation = evaluate(
+            record["seconds"] = time.perf_counter() - began  # training time, before this eval
+            record["eval"] = evaluate(
                 maml, eval_sampler.spawn(step), 100, local_batch, device, regression
             )
-            record["eval"] = evaluation
-            record["seconds"] = time.perf_counter() - began
             sampler_states = world.gather_states(sampler)  # a collective: every rank joins
             if world.is_main:
                 save_checkpoint(

@@ -387,3 +387,53 @@ def test_fuzz_bad_input_names_the_index(n, bad, at):
         grads[at] = None
     with pytest.raises((ValueError, TypeError), match=rf"\[{at}\]"):
         fused_sgd(params, grads, lr)
+
+
+# ---- the CUDA kernel's launch plumbing (needs a GPU) ---------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_kernel_edge_cases(dtype):
+    """Several launches (> 64 tensors), chunks of large tensors with per-task rates, rate
+    blocks of 2 and 3 inside one vector, misaligned views, mixed dtypes in one list."""
+    status = mamlext.backend_info()["cuda"]
+    assert status.kernel == "native", status.reason
+    torch.manual_seed(0)
+    dev = "cuda"
+    params = [torch.randn(3, 5, device=dev, dtype=dtype) for _ in range(70)]
+    params += [
+        torch.randn(3, 70_001, device=dev, dtype=dtype),
+        torch.randn(8, 2, device=dev, dtype=dtype),
+    ]
+    params += [
+        torch.randn(7, 3, device=dev, dtype=dtype),
+        torch.randn(101, device=dev, dtype=dtype)[1:],
+    ]
+    params += [torch.randn(33, device=dev, dtype=torch.float64)]  # another dtype in the same list
+    grads = [torch.randn_like(p) for p in params]
+    lrs = (
+        [0.1] * 70
+        + [
+            torch.rand(3, 1, device=dev, dtype=dtype),  # per-task, 3 chunks per task
+            torch.rand(8, 1, device=dev, dtype=dtype),  # blocks of 2
+            torch.rand(7, 1, device=dev, dtype=dtype),  # blocks of 3
+            torch.rand(101, device=dev, dtype=dtype)[1:],  # misaligned element-wise rates
+            0.3,
+        ]
+    )
+    out = fused_sgd(params, grads, lrs)
+    want = oracle(params, grads, lrs)
+    for o, w in zip(out, want):
+        torch.testing.assert_close(o, w)
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_rejects_tensors_on_two_devices():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    p = [torch.zeros(3, device="cuda:0"), torch.zeros(3, device="cuda:1")]
+    with pytest.raises(
+        RuntimeError, match=r"params\[1\] is on cuda:1 but params\[0\] is on cuda:0"
+    ):
+        torch.ops.mamlext.fused_sgd(p, [x.clone() for x in p], [None, None], [0.1, 0.1])
