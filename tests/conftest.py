@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def run_python(
-    code: str, env: dict | None = None, timeout: float = 600
+    code: str, env: dict | None = None, timeout: float = 600, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (the same venv) and return the finished process."""
     full_env = {**os.environ, **(env or {})}
@@ -32,5 +32,5 @@ def run_python(
         text=True,
         env=full_env,
         timeout=timeout,
-        cwd=REPO,
+        cwd=cwd,
     )

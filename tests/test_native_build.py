@@ -120,3 +120,35 @@ def test_failed_build_falls_back_with_one_warning_naming_the_cause(tmp_path):
     assert "native cpu kernel is unavailable (build failed:" in result.stdout
     assert "error" in result.stdout.lower()  # the compiler's own message is quoted
     assert status_line(result.stdout).startswith("STATUS reference | build failed:")
+
+
+@pytest.mark.slow
+def test_ahead_of_time_build_is_loaded_instead_of_a_jit_build(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    copy = tmp_path / "src"
+    copy.mkdir()
+    shutil.copytree(
+        REPO / "mamlext", copy / "mamlext", ignore=shutil.ignore_patterns("__pycache__", "*.so")
+    )
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, copy / name)
+    env = {**__import__("os").environ, "MAMLEXT_BUILD_NATIVE": "1"}
+    build = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy, env=env,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert list((copy / "mamlext").glob("_native_cpu*.so"))
+    # Run in the copy: its mamlext comes first on sys.path (before the editable install).
+    code = CHECK_VALUES + "print('FROM', mamlext.__file__)\n"
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "jit"), "MAMLEXT_NO_NATIVE": ""}
+    result = run_python(code, env, cwd=copy)
+    assert result.returncode == 0, result.stderr
+    assert str(copy) in result.stdout  # the copy, not the editable install
+    assert status_line(result.stdout) == "STATUS native | ahead-of-time build"
+    assert not (tmp_path / "jit").exists()  # nothing was JIT-compiled

@@ -7,6 +7,8 @@ by torch's file lock, so concurrent first uses build once. A loaded library regi
 its kernel with the dispatcher (``TORCH_LIBRARY_IMPL``), where it takes precedence over
 the pure-PyTorch reference. Where the build fails, the reference serves and ONE
 warning names the cause; ``MAMLEXT_NO_NATIVE=1`` skips native kernels altogether.
+Libraries built ahead of time (``MAMLEXT_BUILD_NATIVE=1 pip install``, see setup.py) are
+loaded instead of a JIT build when present.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class BackendStatus:
     Attributes:
         device_type: ``"cpu"``, ``"cuda"``, ...
         kernel: ``"native"`` (C++/CUDA) or ``"reference"`` (pure PyTorch).
-        reason: why: ``"compiled"``, ``"loaded from cache"``, ``"disabled by
+        reason: why: ``"compiled"``, ``"loaded from cache"``, ``"ahead-of-time build"``, ``"disabled by
             MAMLEXT_NO_NATIVE=1"``, ``"build failed: <compiler message>"``, ...
         library: path of the loaded shared library, if any.
     """
@@ -82,10 +84,21 @@ def _load(device_type: str) -> BackendStatus:
         return BackendStatus(device_type, "reference", f"disabled by {DISABLE_ENV}=1")
     if device_type == "cuda" and torch.version.cuda is None:
         return BackendStatus(device_type, "reference", "this torch build has no CUDA support")
+    prebuilt = _ahead_of_time_library(device_type)
+    if prebuilt is not None:
+        torch.ops.load_library(str(prebuilt))
+        return BackendStatus(device_type, "native", "ahead-of-time build", library=str(prebuilt))
     try:
         return _jit_build(device_type)
     except Exception as error:  # a compiler error, a missing ninja or nvcc, ...
         return BackendStatus(device_type, "reference", f"build failed: {_summarise(error)}")
+
+
+def _ahead_of_time_library(device_type: str) -> Path | None:
+    """The library ``MAMLEXT_BUILD_NATIVE=1 pip install`` built (see setup.py), if any."""
+    package = Path(__file__).resolve().parent.parent
+    found = sorted(package.glob(f"_native_{device_type}*.so"))
+    return found[0] if found else None
 
 
 def _jit_build(device_type: str) -> BackendStatus:
