@@ -191,6 +191,11 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     if config.resume:
         state = load_checkpoint(checkpoint_path)
         _check_same_run(state["config"], config)
+        if len(state["samplers"]) != world.size:
+            raise CheckpointError(
+                f"the checkpoint was written by {len(state['samplers'])} process(es); resume "
+                f"with the same number (now {world.size}) to continue every task stream"
+            )
         maml.load_state_dict(state["maml"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["samplers"][world.rank])
