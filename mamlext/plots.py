@@ -29,10 +29,13 @@ def learning_curves(metrics_path: Path, out_path: Path) -> Path:
     axes[0].set_xlabel("iteration")
     axes[0].set_yscale("log")
     axes[0].legend()
-    axes[1].plot(its, [r[metric] for r in records], lw=0.5, alpha=0.5, label=f"meta-train {metric}")
+    axes[1].plot(
+        its, [r[metric] for r in records], lw=0.5, alpha=0.5, label=f"meta-train {metric} (query)"
+    )
     axes[1].errorbar(
         [r["iteration"] for r in evals], [r["eval"]["mean"] for r in evals],
-        yerr=[r["eval"]["ci95"] for r in evals], fmt="o-", label=f"meta-test {metric} (95% CI)",
+        yerr=[r["eval"]["ci95"] for r in evals], fmt="o-",
+        label=f"meta-test {metric}, {evals[-1]['eval'].get('steps', '?') if evals else '?'} steps (95% CI)",
     )  # fmt: skip
     axes[1].set_xlabel("iteration")
     if metric == "mse":

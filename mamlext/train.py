@@ -158,7 +158,9 @@ def evaluate(
     maml.train(was_training)
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
-    return {"mean": mean, "ci95": 1.96 * std / math.sqrt(len(values)), "tasks": len(values)}
+    steps = maml.num_test_steps if num_steps is None else num_steps
+    ci95 = 1.96 * std / math.sqrt(len(values))
+    return {"mean": mean, "ci95": ci95, "tasks": len(values), "steps": steps}
 
 
 def train(config: TrainConfig) -> dict[str, Any] | None:
