@@ -17,7 +17,6 @@ MAML++ per-layer per-step rates (``"per_layer_per_step"``), ANIL (``adapt_params
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -379,11 +378,8 @@ def _set_bn_policy(model: nn.Module, bn: str | None, num_steps: int) -> None:
 
 def _accepts_reduction(loss_fn: LossFn) -> bool:
     # torch's functional losses (cross_entropy, mse_loss, ...) are plain means that also
-    # give per-sample values; other callables are called task by task.
-    try:
-        return "reduction" in inspect.signature(loss_fn).parameters and loss_fn in _MEAN_LOSSES
-    except (TypeError, ValueError):
-        return False
+    # give per-sample values (reduction="none"); other callables are called task by task.
+    return any(loss_fn is known for known in _MEAN_LOSSES)
 
 
 _MEAN_LOSSES = {F.cross_entropy, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.nll_loss,
