@@ -159,6 +159,23 @@ def test_running_stats_are_updated_only_during_meta_training(policy):
         torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("policy", ["per_step", "running"])
+def test_momentum_none_is_the_plain_average_over_meta_batches(policy):
+    """As nn.BatchNorm's momentum=None; each meta-batch's target read from momentum=1."""
+    average, make_input = conv_bn_maml(policy)
+    latest, _ = conv_bn_maml(policy)
+    average.model[1].momentum, latest.model[1].momentum = None, 1.0
+    targets = []
+    for seed in range(3):
+        xs, ys, xq, yq = episode(make_input, tasks=2, seed=seed)
+        for maml in (average, latest):
+            maml(xs, ys, xq, yq)
+        targets.append(latest.model[1].step_running_mean.clone())
+    expected = torch.stack(targets).mean(0)
+    torch.testing.assert_close(average.model[1].step_running_mean, expected)
+    assert not torch.allclose(targets[0], targets[-1])  # the meta-batches differ
+
+
 @pytest.mark.parametrize("policy", ["transductive", "per_step", "running"])
 @pytest.mark.parametrize("training", [True, False])
 def test_no_statistics_leak_from_one_task_into_another(policy, training):

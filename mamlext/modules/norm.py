@@ -200,8 +200,12 @@ class _MetaBatchNorm(MetaModule):
 
     @torch.no_grad()
     def commit_running_stats(self, records: dict) -> None:
-        """Move each recorded set one momentum step towards its mean over tasks."""
-        momentum = 0.1 if self.momentum is None else self.momentum
+        """Move each recorded set one momentum step towards its mean over tasks.
+
+        ``momentum=None``: a cumulative average over meta-batches, as ``nn.BatchNorm``'s.
+        """
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         for (layer, row), stats in records.items():
             if layer is not self:
                 continue
@@ -209,7 +213,6 @@ class _MetaBatchNorm(MetaModule):
             var = torch.cat([v for _, v in stats]).mean(0)
             self.step_running_mean[row].lerp_(mean, momentum)
             self.step_running_var[row].lerp_(var, momentum)
-        self.num_batches_tracked.add_(1)
 
 
 def _task_stats(input: Tensor) -> tuple[Tensor, Tensor]:
