@@ -27,6 +27,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--algorithm", default=d.algorithm, help=f"one of {', '.join(ALGORITHMS)}")
     a("--bn", default=d.bn, help="BatchNorm policy: transductive | per_step | running")
     a("--meta-lr", type=float, default=d.meta_lr, help="Adam learning rate of the outer loop")
+    a(
+        "--meta-lr-milestones",
+        type=int,
+        nargs="+",
+        default=d.meta_lr_milestones,
+        metavar="N",
+        help="multiply the outer learning rate by --meta-lr-gamma after N iterations",
+    )
+    a("--meta-lr-gamma", type=float, default=d.meta_lr_gamma, help="factor per milestone")
     a("--iterations", type=int, help="meta-training steps")
     a("--eval-every", type=int, help="evaluate and checkpoint every N iterations")
     a(

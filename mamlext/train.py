@@ -31,6 +31,8 @@ class TrainConfig:
     iterations by default, about a minute on 2 cores, where the paper trains 70,000).
     Omniglot: Conv-4 (64 filters, strided), 5-way meta-batch 32 / one step of 0.4,
     20-way meta-batch 16 / five steps of 0.1, one query per class.
+    The outer learning rate is ``meta_lr`` times ``meta_lr_gamma`` per milestone passed
+    (as ``torch.optim.lr_scheduler.MultiStepLR``); no milestones: constant, as the paper.
     """
 
     dataset: str = "sinusoid"
@@ -47,6 +49,8 @@ class TrainConfig:
     algorithm: str = "maml"
     bn: str = "transductive"
     meta_lr: float = 1e-3
+    meta_lr_milestones: tuple[int, ...] = ()
+    meta_lr_gamma: float = 0.1
     iterations: int | None = None
     eval_every: int | None = None
     eval_tasks: int = 600
@@ -89,9 +93,18 @@ class TrainConfig:
         for name in ("shots", "query", "meta_batch", "iterations", "eval_every", "eval_tasks"):
             if getattr(config, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if any(m < 1 for m in config.meta_lr_milestones) or config.meta_lr_gamma <= 0:
+            raise ValueError("--meta-lr-milestones must be >= 1 and --meta-lr-gamma > 0")
+        config.meta_lr_milestones = tuple(sorted(config.meta_lr_milestones))
         if config.ways < 2 and not regression:
             raise ValueError("--ways must be >= 2")
         return config
+
+
+def meta_lr_at(config: TrainConfig, iteration: int) -> float:
+    """Outer learning rate of the step taken after ``iteration`` completed steps."""
+    passed = sum(iteration >= m for m in config.meta_lr_milestones)
+    return config.meta_lr * config.meta_lr_gamma**passed
 
 
 def build_sampler(config: TrainConfig, split: str, seed: int, rank: int = 0):
@@ -192,7 +205,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     start = 0
     if config.resume:
         state = load_checkpoint(checkpoint_path)
-        _check_same_run(state["config"], config)
+        _check_same_run(state["config"], config, state["iteration"])
         if len(state["samplers"]) != world.size:
             raise CheckpointError(
                 f"the checkpoint was written by {len(state['samplers'])} process(es); resume "
@@ -212,6 +225,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     began = time.perf_counter()
     for iteration in range(start, config.iterations):
         xs, ys, xq, yq = to_device(sampler.sample(local_batch), device)
+        for group in optimizer.param_groups:
+            group["lr"] = meta_lr_at(config, iteration)
         optimizer.zero_grad(set_to_none=True)
         loss, outputs = maml.meta_backward(xs, ys, xq, yq)  # per-task passes: low memory
         world.average_gradients(maml)
@@ -231,6 +246,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         }
         if step % config.eval_every == 0 or step == config.iterations:
             record["seconds"] = time.perf_counter() - began  # training time, before this eval
+            record["meta_lr"] = meta_lr_at(config, iteration)
             record["eval"] = evaluate(
                 maml, eval_sampler.spawn(step), 100, local_batch, device, regression
             )
@@ -281,8 +297,11 @@ def _state(config, maml, optimizer, sampler_states, iteration) -> dict[str, Any]
     }
 
 
-# Settings a resumed run may change (the rest must match the checkpoint's run).
+# Settings a resumed run may change (the rest must match the checkpoint's run; the
+# learning-rate schedule may change only after the checkpoint's iteration).
 _RESUMABLE = {
+    "meta_lr_milestones",
+    "meta_lr_gamma",
     "iterations",
     "resume",
     "progress",
@@ -294,13 +313,18 @@ _RESUMABLE = {
 }
 
 
-def _check_same_run(saved: dict[str, Any], config: TrainConfig) -> None:
+def _check_same_run(saved: dict[str, Any], config: TrainConfig, iteration: int) -> None:
     current = dataclasses.asdict(config)
-    differ = {
-        k: (saved.get(k), v)
-        for k, v in current.items()
-        if k not in _RESUMABLE and saved.get(k) != v
-    }
+    defaults = dataclasses.asdict(TrainConfig())
+    saved = {k: saved.get(k, defaults[k]) for k in current}  # older checkpoints lack new keys
+    differ = {k: (saved[k], v) for k, v in current.items() if k not in _RESUMABLE and saved[k] != v}
+    before = TrainConfig(**saved)
+    changes = sorted({0, *before.meta_lr_milestones, *config.meta_lr_milestones})
+    if any(meta_lr_at(before, i) != meta_lr_at(config, i) for i in changes if i < iteration):
+        differ["meta_lr schedule before iteration " + str(iteration)] = (
+            (list(before.meta_lr_milestones), before.meta_lr_gamma),
+            (list(config.meta_lr_milestones), config.meta_lr_gamma),
+        )
     if differ:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
         raise CheckpointError(

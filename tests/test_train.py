@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from mamlext.checkpoint import load_checkpoint, save_checkpoint
-from mamlext.train import TrainConfig, train
+from mamlext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mamlext.train import TrainConfig, meta_lr_at, train
 from tests.conftest import REPO, SHARED_DATA
 
 OMNIGLOT = SHARED_DATA / "omniglot"
@@ -56,6 +56,46 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     for ra, rb in zip(a, b):
         ra.pop("seconds", None), rb.pop("seconds", None)
         assert ra == rb
+
+
+def read_metrics(out) -> list[dict]:
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("seconds", None)
+    return records
+
+
+def test_meta_lr_schedule_equals_torch_multistep_lr():
+    config = TrainConfig(meta_lr=0.3, meta_lr_milestones=(7, 3, 12), meta_lr_gamma=0.5).resolved()
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.3)
+    reference = torch.optim.lr_scheduler.MultiStepLR(optimizer, [3, 7, 12], gamma=0.5)
+    for iteration in range(20):
+        assert meta_lr_at(config, iteration) == pytest.approx(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+
+
+def test_resume_may_add_a_milestone_after_the_checkpoint(tmp_path):
+    """The resumed run equals an uninterrupted run with the milestone from the start."""
+    whole, part, constant = tmp_path / "whole", tmp_path / "part", tmp_path / "constant"
+    run = dict(iterations=20, eval_every=10, eval_tasks=10)
+    train(quiet(**run, meta_lr_milestones=(15,), meta_lr_gamma=0.01, out=str(whole)))
+    train(quiet(**run, out=str(constant)))
+    train(quiet(iterations=10, eval_every=10, eval_tasks=10, out=str(part)))
+    train(quiet(**run, meta_lr_milestones=(15,), meta_lr_gamma=0.01, out=str(part), resume=True))
+    assert read_metrics(part) == read_metrics(whole)
+    assert read_metrics(part)[15:] != read_metrics(constant)[15:]  # the drop took effect
+    assert read_metrics(part)[-1]["meta_lr"] == pytest.approx(1e-5)
+
+
+def test_resume_refuses_a_schedule_change_before_the_checkpoint(tmp_path):
+    train(quiet(iterations=10, eval_every=10, eval_tasks=10, out=str(tmp_path)))
+    changed = quiet(
+        iterations=20, eval_every=10, eval_tasks=10, out=str(tmp_path), resume=True,
+        meta_lr_milestones=(5,),
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="meta_lr schedule before iteration 10"):
+        train(changed)
 
 
 def test_an_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
@@ -111,6 +151,7 @@ def cli(*args: str):
         ),
         (["train", "--out", "/proc/forbidden/run"], "cannot write to the output folder"),
         (["train", "--iterations", "0"], "--iterations must be >= 1"),
+        (["train", "--meta-lr-milestones", "0"], "--meta-lr-milestones must be >= 1"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message):
