@@ -159,6 +159,14 @@ class MAML(nn.Module):
             Parameters by name: adapted ones ``[T, *shape]``, shared ones as they are.
         """
         num_tasks = _check_tasks(self.model, support_x=support_x, support_y=support_y)
+        if self.training and self.bn in ("per_step", "running"):
+            raise ValueError(
+                f"maml.adapt() in training mode cannot train bn={self.bn!r}'s running statistics "
+                "(they need the query forward too, and are committed once per meta-batch): "
+                "meta-train with maml(xs, ys, xq, yq) or maml.meta_backward(...), call maml.eval() "
+                "to adapt at meta-test, or use bn='transductive'"
+            )
+        self._check_modes()
         steps = self._steps(num_steps)
         if self.use_batched(support_x):
             return self._adapt_batched(support_x, support_y, steps)

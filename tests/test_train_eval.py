@@ -176,6 +176,18 @@ def test_momentum_none_is_the_plain_average_over_meta_batches(policy):
     assert not torch.allclose(targets[0], targets[-1])  # the meta-batches differ
 
 
+@pytest.mark.parametrize("policy", ["per_step", "running"])
+def test_adapt_in_training_mode_cannot_train_running_stats_and_says_so(policy):
+    maml, make_input = conv_bn_maml(policy)
+    xs, ys, xq, yq = episode(make_input, tasks=2)
+    with pytest.raises(ValueError, match=r"maml.adapt\(\) in training mode .*meta_backward"):
+        maml.adapt(xs, ys)
+    maml(xs, ys, xq, yq)  # meta-training through MAML trains the statistics
+    maml.eval()
+    fast = maml.adapt(xs, ys)  # meta-test adaptation is fine
+    assert fast["0.weight"].shape[0] == 2
+
+
 @pytest.mark.parametrize("policy", ["transductive", "per_step", "running"])
 @pytest.mark.parametrize("training", [True, False])
 def test_no_statistics_leak_from_one_task_into_another(policy, training):
