@@ -219,6 +219,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     metrics_path = out / "metrics.jsonl"
     if world.is_main and not config.resume:
         metrics_path.unlink(missing_ok=True)
+    elif world.is_main:
+        _drop_metrics_after(metrics_path, start)
 
     progress = _progress(start, config.iterations, enabled=config.progress and world.is_main)
     running = None
@@ -295,6 +297,22 @@ def _state(config, maml, optimizer, sampler_states, iteration) -> dict[str, Any]
         "samplers": sampler_states,
         "torch_rng": torch.get_rng_state(),
     }
+
+
+def _drop_metrics_after(path: Path, iteration: int) -> None:
+    """Keep the records up to the checkpoint's iteration (an interrupted run wrote more)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut short by the interruption
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 # Settings a resumed run may change (the rest must match the checkpoint's run; the

@@ -58,6 +58,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert ra == rb
 
 
+def test_resume_after_a_crash_drops_the_records_past_the_checkpoint(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(quiet(iterations=20, eval_every=10, eval_tasks=10, out=str(whole)))
+    train(quiet(iterations=10, eval_every=10, eval_tasks=10, out=str(part)))
+    # a crash at iteration 13: three records past the checkpoint and a line cut short
+    past = (whole / "metrics.jsonl").read_text().splitlines()[10:13]
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write("".join(line + "\n" for line in past) + '{"iteration": 14, "lo')
+    train(quiet(iterations=20, eval_every=10, eval_tasks=10, out=str(part), resume=True))
+    assert read_metrics(part) == read_metrics(whole)
+
+
 def read_metrics(out) -> list[dict]:
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for record in records:
