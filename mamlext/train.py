@@ -246,20 +246,22 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             "loss": loss_value,
             ("mse" if regression else "accuracy"): metric,
         }
-        if step % config.eval_every == 0 or step == config.iterations:
+        checkpointing = step % config.eval_every == 0 or step == config.iterations
+        if checkpointing:
             record["seconds"] = time.perf_counter() - began  # training time, before this eval
             record["meta_lr"] = meta_lr_at(config, iteration)
             record["eval"] = evaluate(
                 maml, eval_sampler.spawn(step), 100, local_batch, device, regression
             )
             sampler_states = world.gather_states(sampler)  # a collective: every rank joins
-            if world.is_main:
+        if world.is_main:
+            # The record first: a crash between the two leaves a record that resume drops.
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if checkpointing:
                 save_checkpoint(
                     _state(config, maml, optimizer, sampler_states, step), checkpoint_path
                 )
-        if world.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
     progress.close()
     world.close()
     if not world.is_main:
