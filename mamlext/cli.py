@@ -16,6 +16,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)} (default: %(default)s)")
     a("--data-root", help="folder with Omniglot (zips, torchmeta's hdf5 root, or the npz)")
     a("--download", action="store_true", help="download Omniglot into --data-root if missing")
+    a(
+        "--split-scheme",
+        default=d.split_scheme,
+        help="Omniglot characters: vinyals (1028 train / 423 test, torchmeta's), maml (the "
+        "paper's 1200 / 423) or background (964 / 659)",
+    )
     a("--ways", type=int, default=d.ways)
     a("--shots", type=int, help="support examples per class (regression: points per task)")
     a("--query", type=int, help="query examples per class (regression: points per task)")

@@ -30,7 +30,9 @@ class TrainConfig:
     Sinusoid: K=10 shots and queries, meta-batch 25, one step of 0.01, Adam 1e-3 (3000
     iterations by default, about a minute on 2 cores, where the paper trains 70,000).
     Omniglot: Conv-4 (64 filters, strided), 5-way meta-batch 32 / one step of 0.4,
-    20-way meta-batch 16 / five steps of 0.1, one query per class.
+    20-way meta-batch 16 / five steps of 0.1, one query per class; ``split_scheme`` as
+    :func:`mamlext.data.omniglot.split_indices` ("vinyals": torchmeta's 1028 training and
+    423 test characters; "maml": the paper's 1200 and 423).
     The outer learning rate is ``meta_lr`` times ``meta_lr_gamma`` per milestone passed
     (as ``torch.optim.lr_scheduler.MultiStepLR``); no milestones: constant, as the paper.
     """
@@ -38,6 +40,7 @@ class TrainConfig:
     dataset: str = "sinusoid"
     data_root: str | None = None
     download: bool = False
+    split_scheme: str = "vinyals"
     ways: int = 5
     shots: int | None = None
     query: int | None = None
@@ -119,7 +122,7 @@ def build_sampler(config: TrainConfig, split: str, seed: int, rank: int = 0):
 
     return omniglot_tasks(
         config.data_root, split, config.ways, config.shots, config.query,
-        seed=seed, rank=rank, download=config.download,
+        split_scheme=config.split_scheme, seed=seed, rank=rank, download=config.download,
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mamlext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mamlext.train import TrainConfig, meta_lr_at, train
+from mamlext.train import TrainConfig, build_sampler, meta_lr_at, train
 from tests.conftest import REPO, SHARED_DATA
 
 OMNIGLOT = SHARED_DATA / "omniglot"
@@ -35,6 +35,15 @@ def test_omniglot_smoke_training_clearly_beats_chance(tmp_path):
     assert final["mean"] - final["ci95"] > chance + 0.15, final
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 60 and "eval" in json.loads(lines[-1])
+
+
+@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+@pytest.mark.parametrize("scheme,train_characters", [("vinyals", 1028), ("maml", 1200)])
+def test_split_scheme_chooses_the_training_characters(scheme, train_characters):
+    config = TrainConfig(dataset="omniglot", data_root=str(OMNIGLOT), split_scheme=scheme)
+    config = config.resolved()
+    assert build_sampler(config, "train", 0).num_classes == 4 * train_characters  # rotations
+    assert build_sampler(config, "test", 1).num_classes == 423
 
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "metasgd", "mamlpp", "anil"])
@@ -162,6 +171,10 @@ def cli(*args: str):
             "15",
         ),
         (["train", "--out", "/proc/forbidden/run"], "cannot write to the output folder"),
+        (
+            ["train", "--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--split-scheme", "x"],
+            "split_scheme in",
+        ),
         (["train", "--iterations", "0"], "--iterations must be >= 1"),
         (["train", "--meta-lr-milestones", "0"], "--meta-lr-milestones must be >= 1"),
     ],
