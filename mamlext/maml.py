@@ -159,7 +159,7 @@ class MAML(nn.Module):
             Parameters by name: adapted ones ``[T, *shape]``, shared ones as they are.
         """
         num_tasks = _check_tasks(self.model, support_x=support_x, support_y=support_y)
-        if self.training and self.bn in ("per_step", "running"):
+        if self._trains_bn_stats:
             raise ValueError(
                 f"maml.adapt() in training mode cannot train bn={self.bn!r}'s running statistics "
                 "(they need the query forward too, and are committed once per meta-batch): "
@@ -244,11 +244,16 @@ class MAML(nn.Module):
                 outputs.append(out.detach())
         return torch.stack(losses).sum() / num_tasks, torch.cat(outputs)
 
+    @property
+    def _trains_bn_stats(self) -> bool:
+        """Whether a meta-batch now updates BatchNorm running statistics (MAML's policies)."""
+        return self.training and self.bn in ("per_step", "running")
+
     @contextlib.contextmanager
     def _meta_batch(self):
         """Checks before a meta-batch; BatchNorm statistics committed once after it."""
         self._check_modes()
-        if not (self.training and self.bn in ("per_step", "running")):
+        if not self._trains_bn_stats:
             yield
             return
         with recording_batch_stats() as recorded:

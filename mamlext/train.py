@@ -230,8 +230,9 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     began = time.perf_counter()
     for iteration in range(start, config.iterations):
         xs, ys, xq, yq = to_device(sampler.sample(local_batch), device)
+        meta_lr = meta_lr_at(config, iteration)
         for group in optimizer.param_groups:
-            group["lr"] = meta_lr_at(config, iteration)
+            group["lr"] = meta_lr
         optimizer.zero_grad(set_to_none=True)
         loss, outputs = maml.meta_backward(xs, ys, xq, yq)  # per-task passes: low memory
         world.average_gradients(maml)
@@ -252,7 +253,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         checkpointing = step % config.eval_every == 0 or step == config.iterations
         if checkpointing:
             record["seconds"] = time.perf_counter() - began  # training time, before this eval
-            record["meta_lr"] = meta_lr_at(config, iteration)
+            record["meta_lr"] = meta_lr
             record["eval"] = evaluate(
                 maml, eval_sampler.spawn(step), 100, local_batch, device, regression
             )
@@ -342,7 +343,7 @@ def _check_same_run(saved: dict[str, Any], config: TrainConfig, iteration: int) 
     saved = {k: saved.get(k, defaults[k]) for k in current}  # older checkpoints lack new keys
     differ = {k: (saved[k], v) for k, v in current.items() if k not in _RESUMABLE and saved[k] != v}
     before = TrainConfig(**saved)
-    changes = sorted({0, *before.meta_lr_milestones, *config.meta_lr_milestones})
+    changes = {0, *before.meta_lr_milestones, *config.meta_lr_milestones}
     if any(meta_lr_at(before, i) != meta_lr_at(config, i) for i in changes if i < iteration):
         differ["meta_lr schedule before iteration " + str(iteration)] = (
             (list(before.meta_lr_milestones), before.meta_lr_gamma),
