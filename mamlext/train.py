@@ -322,8 +322,11 @@ def _drop_metrics_after(path: Path, iteration: int) -> None:
 
 
 # Settings a resumed run may change (the rest must match the checkpoint's run; the
-# learning-rate schedule may change only after the checkpoint's iteration).
+# learning-rate schedule may change only after the checkpoint's iteration). data_root and
+# out may change so that a run can move, e.g. to a GPU machine and back.
 _RESUMABLE = {
+    "data_root",
+    "out",
     "meta_lr_milestones",
     "meta_lr_gamma",
     "iterations",

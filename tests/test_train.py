@@ -1,6 +1,7 @@
 """mamlext train/evaluate: learning, resume, atomic checkpoints, and one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -107,6 +108,21 @@ def test_resume_may_add_a_milestone_after_the_checkpoint(tmp_path):
     assert read_metrics(part) == read_metrics(whole)
     assert read_metrics(part)[15:] != read_metrics(constant)[15:]  # the drop took effect
     assert read_metrics(part)[-1]["meta_lr"] == pytest.approx(1e-5)
+
+
+@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+def test_a_run_moved_to_another_folder_and_data_root_resumes(tmp_path):
+    """As when a run goes to a GPU machine with its own copy of the data, and back."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "omniglot_28x28.npz").symlink_to(OMNIGLOT / "omniglot_28x28.npz")
+    run = dict(dataset="omniglot", split_scheme="maml", meta_batch=2, eval_every=2, eval_tasks=4)
+    whole, part, moved = tmp_path / "whole", tmp_path / "part", tmp_path / "moved"
+    train(quiet(**run, data_root=str(OMNIGLOT), iterations=4, out=str(whole)))
+    train(quiet(**run, data_root=str(OMNIGLOT), iterations=2, out=str(part)))
+    shutil.copytree(part, moved)
+    train(quiet(**run, data_root=str(data), iterations=4, out=str(moved), resume=True))
+    assert read_metrics(moved) == read_metrics(whole)
 
 
 def test_resume_refuses_a_schedule_change_before_the_checkpoint(tmp_path):
