@@ -6,7 +6,8 @@
 # Before the call, on the CPU machine (no network over there):
 #   echo /.whl/ >> .git/info/exclude
 #   scripts/fetch_gpu_wheels.sh           # higher, torchmeta and their pure-Python needs
-# then run it with the device tool, carrying .whl:
+#   mkdir -p .gpu-data && cp DIR/omniglot_28x28.npz .gpu-data/   # optional: Omniglot costs
+# then run it with the device tool, carrying .whl (and .gpu-data):
 #   scripts/gpu_check.sh                  # ~5-8 minutes on an H100
 set -uo pipefail
 OUT=${OUT:-gpu-results}
@@ -37,4 +38,9 @@ python3 -m mamlext.bench_op --device cuda --markdown "$OUT/op_cuda.md" --csv "$O
 
 echo "== peer benchmark"
 python3 -m mamlext.bench --device cuda --quick --out "$OUT" --timeout 240 | tail -40
+
+if [ -f .gpu-data/omniglot_28x28.npz ]; then
+  echo "== Omniglot: FLOPs and seconds per meta-training iteration (paper settings)"
+  python3 benchmarks/omniglot_cost.py --data-root .gpu-data --device cuda | tee "$OUT/omniglot_cost_cuda.md"
+fi
 ls -la "$OUT"
