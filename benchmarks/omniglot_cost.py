@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mamlext.bench_op import median_ms
 from mamlext.train import TrainConfig, build_maml, build_sampler, to_device
 
 SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots)
@@ -30,33 +29,25 @@ def iteration_cost(data_root: str, ways: int, shots: int, repeats: int, device: 
     config = TrainConfig(
         dataset="omniglot", data_root=data_root, ways=ways, shots=shots, split_scheme="maml"
     ).resolved()
-    maml = build_maml(config).to(device)
+    dev = torch.device(device)
+    maml = build_maml(config).to(dev)
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
     sampler = build_sampler(config, "train", seed=0)
 
     def step() -> None:
-        xs, ys, xq, yq = to_device(sampler.sample(config.meta_batch), torch.device(device))
+        xs, ys, xq, yq = to_device(sampler.sample(config.meta_batch), dev)
         optimizer.zero_grad(set_to_none=True)
         maml.meta_backward(xs, ys, xq, yq)
         optimizer.step()
 
-    step()  # warm-up: native kernel, allocator
+    step()  # warm-up: native kernel, allocator (and the counted step below)
     # Counted on the per-task path: the same arithmetic, but FlopCounterMode over-counts
     # the backward of the grouped convolutions that the task-batched path runs.
     maml.batched = False
     with FlopCounterMode(display=False) as counter:
         step()
     maml.batched = "auto"
-    seconds = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - began)
-    per_iteration = statistics.median(seconds)
+    per_iteration = median_ms(step, dev, warmup=0, repeats=repeats) / 1e3
     flops = counter.get_total_flops()
     return {
         "setting": f"{ways}-way {shots}-shot",
