@@ -3,8 +3,8 @@
 # kernel, run the CUDA tests, then the op microbenchmark and the peer benchmark on the GPU.
 # Everything it prints and writes lands in $OUT (default ./gpu-results).
 #
-# Before the call, on the CPU machine (no network over there):
-#   echo /.whl/ >> .git/info/exclude
+# Before the call, on the CPU machine (no network over there; .whl/ and .gpu-data/ are
+# git-ignored):
 #   scripts/fetch_gpu_wheels.sh           # higher, torchmeta and their pure-Python needs
 #   mkdir -p .gpu-data && cp DIR/omniglot_28x28.npz .gpu-data/   # optional: Omniglot costs
 # then run it with the device tool, carrying .whl (and .gpu-data):
