@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import os
 from typing import Any
 
@@ -50,6 +51,13 @@ class World:
             wanted = torch.device("cuda", local_rank)
             torch.cuda.set_device(wanted)
         if not dist.is_initialized():
+            # torch._dynamo (which torch.optim imports) keeps references to a process group
+            # that exists when it is first imported (torch 2.13). destroy_process_group then
+            # cannot stop gloo's worker threads, and one that frees the tensors of the last
+            # collective while Python shuts down aborts the process ("terminate called
+            # without an active exception"). Imported first, it holds none.
+            importlib.import_module("torch._dynamo")
+
             timeout = datetime.timedelta(
                 seconds=float(os.environ.get("MAMLEXT_DIST_TIMEOUT", "120"))
             )

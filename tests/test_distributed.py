@@ -55,7 +55,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world_size, args, extra_env=None, timeout=300):
+def launch(world_size, args, extra_env=None, timeout=300, script=STEPS_SCRIPT):
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -70,7 +70,7 @@ def launch(world_size, args, extra_env=None, timeout=300):
         env.update(extra_env or {})
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", STEPS_SCRIPT, *args],
+                [sys.executable, "-c", script, *args],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -109,6 +109,41 @@ def test_a_dying_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
     assert code1 == 3
     assert code0 != 0
     assert "another process of the job stopped" in err0, err0[-2000:]
+
+
+CLOSE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, torch
+    from mamlext.distributed import World
+
+    def gloo_threads():
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        return sorted(n for n in names if "gloo" in n)
+
+    world = World.from_environment("cpu")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())  # imports torch._dynamo, as train() does
+    model(torch.randn(4, 3)).sum().backward()
+    world.average_gradients(model)
+    optimizer.step()
+    world.mean(torch.tensor(1.0))
+    world.gather_states(torch.optim.SGD(model.parameters(), lr=0.1))  # has a state_dict
+    before = gloo_threads()
+    world.close()
+    print(json.dumps([before, gloo_threads()]))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads in Linux's /proc")
+def test_close_stops_the_gloo_worker_threads():
+    # A gloo worker left running when Python shuts down can abort the process (see
+    # World.from_environment); torchrun then fails a job that finished.
+    for code, out, err in launch(2, [], script=CLOSE_SCRIPT, timeout=120):
+        assert code == 0, err
+        before, after = json.loads(out)
+        assert before, out  # the names match gloo's threads, so `after` is meaningful
+        assert after == [], out
 
 
 def test_torchrun_training_job_and_resume(tmp_path):
