@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared device check (a lent NVIDIA machine, see README "GPU"): build the CUDA
-# kernel, run the CUDA tests, then the op microbenchmark and the peer benchmark on the GPU.
+# The one prepared device check on a lent NVIDIA machine (benchmarks/RESULTS.md says what
+# ran where): build the CUDA kernel, run the CUDA tests, then the op microbenchmark and
+# the peer benchmark on the GPU.
 # Everything it prints and writes lands in $OUT (default ./gpu-results).
 #
 # Before the call, on the CPU machine (no network over there; .whl/ and .gpu-data/ are
