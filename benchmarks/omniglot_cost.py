@@ -43,10 +43,10 @@ def iteration_cost(data_root: str, ways: int, shots: int, repeats: int, device: 
     step()  # warm-up: native kernel, allocator (and the counted step below)
     # Counted on the per-task path: the same arithmetic, but FlopCounterMode over-counts
     # the backward of the grouped convolutions that the task-batched path runs.
-    maml.batched = False
+    batched, maml.batched = maml.batched, False
     with FlopCounterMode(display=False) as counter:
         step()
-    maml.batched = "auto"
+    maml.batched = batched
     per_iteration = median_ms(step, dev, warmup=0, repeats=repeats) / 1e3
     flops = counter.get_total_flops()
     return {
