@@ -6,9 +6,18 @@ By default mamlext installs as pure Python and JIT-compiles its kernels on first
 builds against the torch already installed, whose ABI the kernels must match.
 """
 
+import glob
 import os
 
 from setuptools import setup
+
+
+def sources(device_type):
+    """Every source file of mamlext/csrc/<device_type>/, as mamlext/ops/_native.py builds."""
+    folder = os.path.join("mamlext", "csrc", device_type)
+    return sorted(
+        glob.glob(os.path.join(folder, "*.cpp")) + glob.glob(os.path.join(folder, "*.cu"))
+    )
 
 
 def native_extensions():
@@ -21,7 +30,7 @@ def native_extensions():
     extensions = [
         CppExtension(
             "mamlext._native_cpu",
-            [os.path.join(csrc, "cpu", "fused_sgd.cpp")],
+            sources("cpu"),
             include_dirs=[os.path.abspath(csrc)],
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
@@ -31,7 +40,7 @@ def native_extensions():
         extensions.append(
             CUDAExtension(
                 "mamlext._native_cuda",
-                [os.path.join(csrc, "cuda", "fused_sgd.cu")],
+                sources("cuda"),
                 include_dirs=[os.path.abspath(csrc)],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
             )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-check the CUDA kernel of mamlext::fused_sgd (mamlext/csrc/cuda/fused_sgd.cu)
+# Compile-check the CUDA library of mamlext::fused_sgd (every source in mamlext/csrc/cuda/)
 # without a GPU: build it with torch.utils.cpp_extension.load exactly as
 # mamlext/ops/_native.py does (same include path and nvcc flags, plus -Xptxas=-v) into a
 # fresh temporary directory, and report ptxas' register/spill usage of the kernel.
@@ -21,7 +21,7 @@ if [[ $# -ne 1 ]]; then
 fi
 PYTHON=$1
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SOURCE="$REPO/mamlext/csrc/cuda/fused_sgd.cu"
+SOURCE="$REPO/mamlext/csrc/cuda"
 CSRC="$REPO/mamlext/csrc"
 
 # --- nvcc ---------------------------------------------------------------------------
@@ -75,7 +75,9 @@ import sys
 
 from torch.utils import cpp_extension
 
-source, csrc, build_dir = sys.argv[1:]
+source_dir, csrc, build_dir = sys.argv[1:]
+# The same rule as mamlext/ops/_native.py: every .cu/.cpp file of csrc/cuda/.
+sources = sorted(glob.glob(os.path.join(source_dir, "*.cu")) + glob.glob(os.path.join(source_dir, "*.cpp")))
 try:  # a venv's ninja is not on PATH unless the venv is active
     import ninja
 
@@ -86,7 +88,7 @@ except ImportError:
 try:
     cpp_extension.load(
         name="mamlext_cuda_compile_check",
-        sources=[source],
+        sources=sources,
         extra_include_paths=[csrc],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "-Xptxas=-v"],

@@ -119,35 +119,64 @@ def test_lr_gradient_is_reduced_to_lr_shape():
     torch.testing.assert_close(dlr, -g.sum(dim=(1, 2), keepdim=True))
 
 
-def _op_inputs(requires_grad):
-    params, grads = make_lists([(3, 4), (2, 5)], requires_grad=requires_grad)
-    lrs = [torch.rand(3, 1, dtype=F64, requires_grad=requires_grad), torch.rand((), dtype=F64)]
+def _op_inputs(requires_grad, device="cpu"):
+    params, grads = make_lists([(3, 4), (2, 5)], device=device, requires_grad=requires_grad)
+    lrs = [
+        torch.rand(3, 1, dtype=F64, device=device, requires_grad=requires_grad),
+        torch.rand((), dtype=F64, device=device),
+    ]
     return params, grads, lrs
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: (*_op_inputs(True), [1.0, 1.0]),
-        lambda: (*_op_inputs(False), [1.0, 1.0]),
-        lambda: (*_op_inputs(True)[:2], [None, None], [0.1, 0.2]),
-        lambda: (*_op_inputs(False)[:2], [None, _op_inputs(False)[2][1]], [0.1, 1.0]),
-        # non-contiguous inputs: transposed params and grads
-        lambda: (
-            [torch.randn(4, 3, dtype=F64).t()],
-            [torch.randn(4, 3, dtype=F64).t()],
-            [None],
-            [0.5],
-        ),
-    ],
-    ids=["tensor-lrs-grad", "tensor-lrs", "scalar-lrs", "mixed-lrs", "non-contiguous"],
-)
-def test_opcheck(make):
-    torch.library.opcheck(torch.ops.mamlext.fused_sgd.default, make())
+OPCHECK_CASES = {
+    "tensor-lrs-grad": lambda device: (*_op_inputs(True, device), [1.0, 1.0]),
+    "tensor-lrs": lambda device: (*_op_inputs(False, device), [1.0, 1.0]),
+    "scalar-lrs": lambda device: (*_op_inputs(True, device)[:2], [None, None], [0.1, 0.2]),
+    "mixed-lrs": lambda device: (
+        *_op_inputs(False, device)[:2],
+        [None, _op_inputs(False, device)[2][1]],
+        [0.1, 1.0],
+    ),
+    "non-contiguous": lambda device: (  # transposed params and grads
+        [torch.randn(4, 3, dtype=F64, device=device).t()],
+        [torch.randn(4, 3, dtype=F64, device=device).t()],
+        [None],
+        [0.5],
+    ),
+}
 
 
-def test_op_rejects_mixed_lrs_that_require_grad():
-    params, grads, lrs = _op_inputs(True)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_opcheck(device, case):
+    mamlext.backend_info()  # the native kernels (and their autograd rule) are registered
+    torch.library.opcheck(torch.ops.mamlext.fused_sgd.default, OPCHECK_CASES[case](device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_autograd_rule_takes_mixed_lrs_that_require_grad(device):
+    """The C++ rule routes gradients into a Tensor?[] that holds a None."""
+    if mamlext.backend_info()[device].kernel != "native":
+        pytest.skip(f"the native {device} kernel is not in use")
+    params, grads, lrs = _op_inputs(True, device)
+    lrs = [None, lrs[0].requires_grad_()]
+    params, grads = params[::-1], grads[::-1]  # lrs[1] of shape [3, 1] for params[1] [3, 4]
+    outs = torch.ops.mamlext.fused_sgd(params, grads, lrs, [0.1, 1.0])
+    weights = [torch.randn_like(o) for o in outs]
+    dp0, dg0, dp1, dg1, dlr = torch.autograd.grad(
+        outs, [params[0], grads[0], params[1], grads[1], lrs[1]], weights
+    )
+    torch.testing.assert_close(outs, oracle(params, grads, [0.1, lrs[1]]))
+    torch.testing.assert_close([dp0, dp1], weights)
+    torch.testing.assert_close(dg0, -0.1 * weights[0])
+    torch.testing.assert_close(dg1, -lrs[1].detach() * weights[1])
+    torch.testing.assert_close(dlr, -(grads[1].detach() * weights[1]).sum(1, keepdim=True))
+
+
+def test_python_autograd_rule_rejects_mixed_lrs_that_require_grad():
+    # The Python rule (devices without a native kernel, here "meta") cannot route a
+    # gradient into a Tensor?[] that holds a None; mamlext.fused_sgd handles that case.
+    params, grads, lrs = _op_inputs(True, "meta")
     with pytest.raises(ValueError, match="lr tensor for every entry"):
         torch.ops.mamlext.fused_sgd(params, grads, [None, lrs[1].requires_grad_()], [0.1, 1.0])
 
@@ -294,15 +323,19 @@ def test_bad_input_gets_a_clear_error(name):
 
 @pytest.mark.parametrize("name", ["shape", "dtype", "integer", "lr broadcast"])
 def test_native_kernel_rejects_bad_input_itself(name):
-    """The C++ checks guard direct calls of the op (that bypass the Python checks)."""
+    """The C++ checks are the only ones on the native path: same exception, same message."""
     status = mamlext.backend_info()["cpu"]
     if status.kernel != "native":
         pytest.skip(f"the native cpu kernel is not in use: {status.reason}")
-    params, grads, lr = BAD_INPUTS[name][0]()
+    make, error, message = BAD_INPUTS[name]
+    params, grads, lr = make()
     lrs = [lr[0] if isinstance(lr, list) else None] * len(params)
     # With the native library loaded, the dispatcher sends CPU calls to the C++ kernel.
-    with pytest.raises(RuntimeError, match=r"mamlext.fused_sgd: (grads|params|lrs)\[\d\]"):
+    with pytest.raises(error, match=message) as raised:
         torch.ops.mamlext.fused_sgd(params, grads, lrs, [0.1] * len(params))
+    with pytest.raises(error) as reference:
+        mamlext.ops._check_inputs(params, grads, lrs, [0.1] * len(params))  # the reference's
+    assert str(raised.value) == str(reference.value)
 
 
 # ---- fuzz ------------------------------------------------------------------------------

@@ -14,9 +14,12 @@ differentiable torch ops so that second-order meta-gradients are exact:
     \partial/\partial g_i = -\eta_i \bar o_i, \qquad
     \partial/\partial \eta_i = -\textstyle\sum_{\text{broadcast}} g_i \bar o_i .
 
-That formula serves both the op's registered autograd rule and ``_FusedSGD``, an
-``autograd.Function`` with ``setup_context``/``jvp``/a generated vmap rule through
-which :func:`fused_sgd` goes, so ``torch.func`` transforms compose with it.
+That formula is written three times, each tested against the same float64 oracle and
+gradgradcheck: in C++ (``csrc/autograd.h``, registered as ``AutogradCPU``/``AutogradCUDA``
+by the native libraries: one C++ layer, the fast path), as the op's Python autograd rule
+(devices without a native kernel, or no compiler), and in ``_FusedSGD``, an
+``autograd.Function`` with ``setup_context``/``jvp``/a generated vmap rule that
+:func:`fused_sgd` takes while a ``torch.func`` transform or forward-mode AD is active.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from mamlext.ops._native import BackendStatus, backend_info, ensure_loaded
@@ -57,7 +61,7 @@ def reference_fused_sgd(
 
 def _check_inputs(params, grads, lrs, lr_scalars) -> None:
     # Mirrors check_fused_sgd_inputs in csrc/fused_sgd.h, so every kernel rejects the
-    # same inputs with the same message.
+    # same inputs with the same exception and message.
     n = len(params)
     if not (len(grads) == len(lrs) == len(lr_scalars) == n):
         raise ValueError(
@@ -65,6 +69,11 @@ def _check_inputs(params, grads, lrs, lr_scalars) -> None:
             f"got {n}, {len(grads)}, {len(lrs)} and {len(lr_scalars)}"
         )
     for i, (p, g, lr) in enumerate(zip(params, grads, lrs)):
+        if p.device != params[0].device:
+            raise ValueError(
+                f"mamlext.fused_sgd: params[{i}] is on {p.device} but params[0] is on "
+                f"{params[0].device}; all tensors must be on one device"
+            )
         if not p.is_floating_point():
             raise TypeError(
                 f"mamlext.fused_sgd: params[{i}] has dtype {p.dtype}; "
@@ -98,6 +107,20 @@ def _check_inputs(params, grads, lrs, lr_scalars) -> None:
                 f"mamlext.fused_sgd: lrs[{i}] of shape {tuple(lr.shape)} does not broadcast "
                 f"to params[{i}] of shape {tuple(p.shape)}"
             )
+
+
+def _check_tensors(params: Sequence, grads: Sequence) -> None:
+    """Entries that are not tensors (a ``None`` gradient, above all), named by index."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"mamlext.fused_sgd: params[{i}] is a {type(p).__name__}, not a tensor")
+        if g is None:
+            raise ValueError(
+                f"mamlext.fused_sgd: grads[{i}] is None: params[{i}] (shape {tuple(p.shape)}) "
+                "received no gradient. Does the loss depend on it?"
+            )
+        if not isinstance(g, Tensor):
+            raise TypeError(f"mamlext.fused_sgd: grads[{i}] is a {type(g).__name__}, not a tensor")
 
 
 def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
@@ -281,9 +304,10 @@ def _normalize_lr(lr: LearningRate, params: Sequence[Tensor]):
     scalars: list[float] = []
     for i, (entry, p) in enumerate(zip(entries, params)):
         if isinstance(entry, Tensor):
-            if not (entry.is_floating_point() or entry.dim() == 0):
+            if entry.is_complex() or not (entry.is_floating_point() or entry.dim() == 0):
                 raise TypeError(
-                    f"mamlext.fused_sgd: lr[{i}] has dtype {entry.dtype}, expected floating point"
+                    f"mamlext.fused_sgd: lr[{i}] has dtype {entry.dtype}, expected a real "
+                    "floating-point rate"
                 )
             # A 0-dim rate behaves like a scalar: it may live on another device.
             device = p.device if entry.dim() == 0 else entry.device
@@ -310,32 +334,48 @@ def fused_sgd(
     new contiguous tensors; inputs are never modified.
 
     Args:
-        params: tensors ``p_i`` (floating point, any shape).
+        params: tensors ``p_i`` (floating point, any shape, all on one device).
         grads: ``g_i``, each of ``p_i``'s shape, dtype and device.
         lr: a float; a tensor broadcastable to every ``p_i`` (a 0-dim rate may be on
             any device); or a sequence with one float or tensor per ``p_i``: a per-layer
-            rate (MAML++), a per-element rate of ``p_i``'s shape (Meta-SGD), or a
-            per-task rate ``[T, 1, ..., 1]``. Rate tensors are cast to ``p_i``'s dtype and
-            may require grad (the meta-gradient reaches them).
+            rate (MAML++), a per-element rate of ``p_i``'s shape (Meta-SGD; with tasks,
+            ``[*shape]`` for ``p_i`` of ``[T, *shape]`` is shared by them without a copy),
+            or a per-task rate ``[T, 1, ..., 1]``. Real rate tensors are cast to ``p_i``'s
+            dtype and may require grad (the meta-gradient reaches them).
 
     Returns:
         ``[p_i - lr_i * g_i]``, each of ``p_i``'s shape.
+
+    Raises:
+        ValueError, TypeError: naming the first offending index (checked once, by the
+            kernel that runs).
     """
-    params, grads = list(params), list(grads)
-    if len(grads) != len(params):
-        raise ValueError(f"mamlext.fused_sgd: got {len(params)} params but {len(grads)} grads")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g is None:
-            raise ValueError(
-                f"mamlext.fused_sgd: grads[{i}] is None: params[{i}] (shape {tuple(p.shape)}) "
-                "received no gradient. Does the loss depend on it?"
-            )
-    if not params:
+    params = params if isinstance(params, list) else list(params)
+    grads = grads if isinstance(grads, list) else list(grads)
+    n = len(params)
+    if len(grads) != n:
+        raise ValueError(f"mamlext.fused_sgd: got {n} params but {len(grads)} grads")
+    if n == 0:
         return []
-    lrs, lr_scalars = _normalize_lr(lr, params)
-    _check_inputs(params, grads, lrs, lr_scalars)
-    for device_type in {p.device.type for p in params}:
-        ensure_loaded(device_type)
-    present = tuple(lr is not None for lr in lrs)
-    tensors = [*params, *grads, *[lr for lr in lrs if lr is not None]]
-    return list(_FusedSGD.apply(tuple(lr_scalars), present, *tensors))
+    try:
+        if type(lr) is float:  # the common case needs no normalisation
+            lrs, lr_scalars = [None] * n, [lr] * n
+        else:
+            lrs, lr_scalars = _normalize_lr(lr, params)
+        ensure_loaded(params[0].device.type)
+        if _transforms_active():
+            present = tuple(lr is not None for lr in lrs)
+            tensors = [*params, *grads, *[lr for lr in lrs if lr is not None]]
+            return list(_FusedSGD.apply(tuple(lr_scalars), present, *tensors))
+        return _OP(params, grads, lrs, lr_scalars)
+    except (TypeError, AttributeError, RuntimeError):
+        _check_tensors(params, grads)  # a clearer message for non-tensor entries
+        raise
+
+
+_OP = torch.ops.mamlext.fused_sgd.default
+
+
+def _transforms_active() -> bool:
+    """Whether a ``torch.func`` transform or forward-mode AD needs ``_FusedSGD``."""
+    return torch._C._functorch.maybe_current_level() is not None or _forward_ad._current_level >= 0

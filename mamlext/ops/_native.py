@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# Every source file of csrc/<device type>/ goes into that device type's library.
 SOURCES = {
-    "cpu": [CSRC / "cpu" / "fused_sgd.cpp"],
-    "cuda": [CSRC / "cuda" / "fused_sgd.cu"],
+    device: sorted([*(CSRC / device).glob("*.cpp"), *(CSRC / device).glob("*.cu")])
+    for device in ("cpu", "cuda")
 }
 DISABLE_ENV = "MAMLEXT_NO_NATIVE"
 
@@ -109,7 +110,8 @@ def _jit_build(device_type: str) -> BackendStatus:
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     sources = SOURCES[device_type]
     built_before = _newest_library(build_dir)
-    if built_before is None or any(s.stat().st_mtime > built_before for s in sources):
+    inputs = [*sources, *CSRC.glob("*.h")]
+    if built_before is None or any(s.stat().st_mtime > built_before for s in inputs):
         print(
             f"mamlext: compiling the native {device_type} kernel (first use only, "
             f"about a minute; cached in {build_dir})",

@@ -1,5 +1,7 @@
 // CPU kernel of mamlext::fused_sgd: one parallel pass over every element of every
-// tensor of the list (at::parallel_for over the concatenated index range).
+// tensor of the list (at::parallel_for over the concatenated index range), and the
+// registration of the C++ autograd rule (autograd.h) for CPU tensors.
+#include "../autograd.h"
 #include "../fused_sgd.h"
 
 #include <ATen/Dispatch.h>
@@ -25,19 +27,30 @@ void update_range(const Segment& s, int64_t lo, int64_t hi) {
   const scalar_t* __restrict__ g = s.g.const_data_ptr<scalar_t>();
   const scalar_t* __restrict__ lr =
       s.lr.values.defined() ? s.lr.values.const_data_ptr<scalar_t>() : nullptr;
-  if (lr != nullptr && s.lr.block == 1) {  // one rate per element (Meta-SGD)
-    for (int64_t k = lo; k < hi; ++k) {
-      out[k] = static_cast<scalar_t>(
-          static_cast<opmath_t>(p[k]) - static_cast<opmath_t>(lr[k]) * static_cast<opmath_t>(g[k]));
+  const int64_t block = s.lr.block;
+  const int64_t count = s.lr.count;
+  if (lr != nullptr && block == 1) {
+    // One rate per element, repeating every `count` elements (Meta-SGD, shared by tasks):
+    // walk whole periods so the inner loop reads lr contiguously and vectorises.
+    for (int64_t j = lo; j < hi;) {
+      const int64_t base = j - j % count;
+      const int64_t stop = std::min(hi, base + count);
+      for (int64_t k = j; k < stop; ++k) {
+        out[k] = static_cast<scalar_t>(
+            static_cast<opmath_t>(p[k]) -
+            static_cast<opmath_t>(lr[k - base]) * static_cast<opmath_t>(g[k]));
+      }
+      j = stop;
     }
     return;
   }
   // Walk lr blocks (one block for a scalar rate) so the innermost loop has a constant
   // rate and vectorises.
   for (int64_t j = lo; j < hi;) {
-    const int64_t b = j / s.lr.block;
-    const int64_t stop = std::min(hi, (b + 1) * s.lr.block);
-    const opmath_t rate = lr ? static_cast<opmath_t>(lr[b]) : static_cast<opmath_t>(s.lr.scalar);
+    const int64_t b = j / block;
+    const int64_t stop = std::min(hi, (b + 1) * block);
+    const opmath_t rate =
+        lr ? static_cast<opmath_t>(lr[b % count]) : static_cast<opmath_t>(s.lr.scalar);
     for (int64_t k = j; k < stop; ++k) {
       out[k] = static_cast<scalar_t>(static_cast<opmath_t>(p[k]) - rate * static_cast<opmath_t>(g[k]));
     }
@@ -89,6 +102,10 @@ std::vector<at::Tensor> fused_sgd_cpu(
 
 TORCH_LIBRARY_IMPL(mamlext, CPU, m) {
   m.impl("fused_sgd", &fused_sgd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(mamlext, AutogradCPU, m) {
+  m.impl("fused_sgd", &fused_sgd_autograd);
 }
 
 }  // namespace mamlext

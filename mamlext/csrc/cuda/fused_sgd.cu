@@ -31,7 +31,7 @@ namespace {
 constexpr int64_t kChunkSize = 1 << 16;  // elements per chunk, i.e. per thread block
 constexpr int kThreads = 512;            // threads per block
 constexpr int kVecBytes = 16;            // bytes per operand a thread moves per vector step
-constexpr int kMaxTensors = 64;          // tensors per launch (FusedSgdArgs < 4 KB)
+constexpr int kMaxTensors = 56;          // tensors per launch (FusedSgdArgs < 4 KB)
 // Blocks per launch: gridDim.x may not exceed 2^31 - 1, and first_chunk is int32.
 constexpr int64_t kMaxChunksPerLaunch = std::numeric_limits<int32_t>::max();
 
@@ -46,11 +46,13 @@ struct FusedSgdArgs {
   scalar_t* out[kMaxTensors];       // the new tensor, written
   const scalar_t* p[kMaxTensors];   // the parameters
   const scalar_t* g[kMaxTensors];   // the gradients
-  const scalar_t* lr[kMaxTensors];  // lr values: element j uses lr[j / lr_block];
+  const scalar_t* lr[kMaxTensors];  // lr values: element j uses
+                                    // lr[(j / lr_block) % lr_count];
                                     // nullptr: every element uses scalar[t]
   opmath_t scalar[kMaxTensors];     // the scalar lr (used when lr[t] is nullptr)
   int64_t numel[kMaxTensors];       // number of elements (> 0)
-  int64_t lr_block[kMaxTensors];    // elements sharing one lr value (>= 1)
+  int64_t lr_block[kMaxTensors];    // consecutive elements sharing one lr value (>= 1)
+  int64_t lr_count[kMaxTensors];    // lr values before they repeat (>= 1)
   // Blocks first_chunk[t] <= b < first_chunk[t + 1] update tensor t: block b its elements
   // [c * kChunkSize, min((c + 1) * kChunkSize, numel[t])) with c = b - first_chunk[t].
   // first_chunk[num_tensors] is the number of blocks of the launch.
@@ -108,7 +110,8 @@ struct ScalarRate {
   }
 };
 
-// lr_block == 1: one rate per element (Meta-SGD). lr points at the chunk's first rate.
+// lr_block == 1 and lr_count == numel: one rate per element (Meta-SGD). lr points at
+// the chunk's first rate.
 template <typename scalar_t>
 struct ElementwiseRate {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -125,30 +128,35 @@ struct ElementwiseRate {
   }
 };
 
-// lr_block > 1: element j of the TENSOR (j = begin + i) uses lr[j / block].
+// Any other layout: element j of the TENSOR (j = begin + i) uses lr[(j / block) % count]
+// (per-task rates: count = T; Meta-SGD rates shared by the tasks: block = 1).
 template <typename scalar_t>
 struct BlockedRate {
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* __restrict__ lr;  // the tensor's first rate (not offset to the chunk)
   int64_t begin;                    // index in the tensor of the chunk's first element
   int64_t block;
+  int64_t count;
   __device__ bool vec_ok() const { return true; }
   __device__ opmath_t at(int i) const {
-    return static_cast<opmath_t>(lr[div_nonneg(begin + i, block)]);
+    return static_cast<opmath_t>(lr[div_nonneg(begin + i, block) % count]);
   }
   template <int kN>
   __device__ void at_vec(int i, opmath_t (&r)[kN]) const {
     // One division per vector; kN consecutive elements cross block boundaries at most
     // kN - 1 times (block may be 2 or 3).
     const int64_t j = begin + i;
-    int64_t b = div_nonneg(j, block);
-    int64_t offset = j - b * block;  // position of element j within lr block b
+    const int64_t q = div_nonneg(j, block);
+    int64_t offset = j - q * block;  // position of element j within its lr block
+    int64_t b = q % count;           // the rate of that block
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
       r[k] = static_cast<opmath_t>(lr[b]);
       if (++offset == block) {
         offset = 0;
-        ++b;
+        if (++b == count) {
+          b = 0;
+        }
       }
     }
   }
@@ -220,10 +228,11 @@ __global__ void __launch_bounds__(kThreads) fused_sgd_kernel(const FusedSgdArgs<
   // The branch is uniform over the block.
   if (lr == nullptr) {
     update_chunk(out, p, g, len, ScalarRate<at::opmath_type<scalar_t>>{args.scalar[t]});
-  } else if (args.lr_block[t] == 1) {
+  } else if (args.lr_block[t] == 1 && args.lr_count[t] == args.numel[t]) {
     update_chunk(out, p, g, len, ElementwiseRate<scalar_t>{lr + begin});
   } else {
-    update_chunk(out, p, g, len, BlockedRate<scalar_t>{lr, begin, args.lr_block[t]});
+    update_chunk(
+        out, p, g, len, BlockedRate<scalar_t>{lr, begin, args.lr_block[t], args.lr_count[t]});
   }
 }
 
@@ -257,7 +266,7 @@ void launch_group(const std::vector<const Item*>& items, cudaStream_t stream) {
 
   for (const Item* item : items) {
     const int64_t numel = item->out.numel();
-    TORCH_INTERNAL_ASSERT(numel > 0 && item->lr.block >= 1);
+    TORCH_INTERNAL_ASSERT(numel > 0 && item->lr.block >= 1 && item->lr.count >= 1);
     const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
     TORCH_CHECK(
         chunks <= kMaxChunksPerLaunch, "mamlext.fused_sgd: params[", item->index, "] has ",
@@ -275,6 +284,7 @@ void launch_group(const std::vector<const Item*>& items, cudaStream_t stream) {
     args.scalar[t] = static_cast<opmath_t>(item->lr.scalar);
     args.numel[t] = numel;
     args.lr_block[t] = item->lr.block;
+    args.lr_count[t] = item->lr.count;
     args.first_chunk[t] = static_cast<int32_t>(num_chunks);
     num_chunks += chunks;
     ++num_tensors;
@@ -294,16 +304,7 @@ std::vector<at::Tensor> fused_sgd_cuda(
   if (params.empty()) {
     return outs;
   }
-  // One launch reads every tensor, so all must be on one device (the check above only
-  // compares grads[i] and lrs[i] with params[i]).
-  const c10::Device device = params[0].device();
-  for (size_t i = 1; i < params.size(); ++i) {
-    TORCH_CHECK(
-        params[i].device() == device, "mamlext.fused_sgd: params[", i, "] is on ",
-        params[i].device(), " but params[0] is on ", device,
-        "; all tensors must be on the same CUDA device");
-  }
-  const at::cuda::OptionalCUDAGuard guard(device);
+  const at::cuda::OptionalCUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   outs.reserve(params.size());

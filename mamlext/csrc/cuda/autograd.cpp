@@ -1,0 +1,7 @@
+// Registers the C++ autograd rule of mamlext::fused_sgd (../autograd.h) for CUDA tensors.
+// A C++ file of the CUDA library: nvcc need not compile torch's autograd headers.
+#include "../autograd.h"
+
+TORCH_LIBRARY_IMPL(mamlext, AutogradCUDA, m) {
+  m.impl("fused_sgd", &mamlext::fused_sgd_autograd);
+}
