@@ -2,7 +2,8 @@
 
 The benchmark itself (peers, configs, workers, tables, chart) lives in :mod:`mamlext.bench`,
 so that ``mamlext bench`` runs the same code from an installed package. Extra options:
-``--configs``, ``--peers`` (only those) and ``--timeout`` (seconds per measurement).
+``--configs``, ``--peers`` (only those), ``--timeout`` (seconds per measurement) and
+``--skip-op`` (no op microbenchmark).
 """
 
 import sys

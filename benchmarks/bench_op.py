@@ -1,10 +1,10 @@
 """Entry point: ``python benchmarks/bench_op.py [--device cpu|cuda] [--quick] ...``.
 
-The benchmark itself lives in :mod:`mamlext.bench_op` so that ``mamlext bench`` can run
+The benchmark itself lives in :mod:`mamlext.bench.op` so that ``mamlext bench`` can run
 it from an installed package.
 """
 
-from mamlext.bench_op import main
+from mamlext.bench.op import main
 
 if __name__ == "__main__":
     main()

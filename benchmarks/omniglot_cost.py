@@ -18,7 +18,7 @@ import platform
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mamlext.bench_op import median_ms
+from mamlext.bench.op import median_ms
 from mamlext.train import TrainConfig, build_maml, build_sampler, to_device
 
 SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots)

@@ -35,7 +35,7 @@ python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/ 2>&1 | tail -25
 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda" 2>&1 | tail -5
 
 echo "== op microbenchmark"
-python3 -m mamlext.bench_op --device cuda --markdown "$OUT/op_cuda.md" --csv "$OUT/op_cuda.csv" | tail -40
+python3 benchmarks/bench_op.py --device cuda --markdown "$OUT/op_cuda.md" --csv "$OUT/op_cuda.csv" | tail -40
 
 echo "== peer benchmark"
 python3 -m mamlext.bench --device cuda --quick --out "$OUT" --timeout 240 | tail -40

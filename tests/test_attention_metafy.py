@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
+from mamlext.models import PLAIN_LAYERS, conv4
 from mamlext.modules.attention import MetaMultiheadAttention
 from mamlext.modules.container import MetaModuleDict, MetaModuleList, MetaSequential
 from mamlext.modules.layers import MetaLinear
@@ -211,16 +212,11 @@ def test_mha_batched_errors():
 # ---- metafy ---------------------------------------------------------------------------
 
 
-def conv4(channels=4, ways=5):
-    layers = []
-    for i in range(4):
-        layers += [
-            nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        ]
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, ways)).to(F64)
+def plain_conv4(channels=4, ways=5):
+    """A plain ``nn`` Conv-4 (max-pooling) on [1, 16, 16] images."""
+    return conv4(
+        ways, in_channels=1, hidden=channels, image_size=16, pool=True, layers=PLAIN_LAYERS
+    ).to(F64)
 
 
 def mlp():
@@ -230,7 +226,7 @@ def mlp():
     return nn.Sequential(OrderedDict(body=body, head=nn.Linear(16, 3))).to(F64)
 
 
-MODELS = {"conv4": (conv4, (1, 16, 16)), "mlp": (mlp, (6,))}
+MODELS = {"conv4": (plain_conv4, (1, 16, 16)), "mlp": (mlp, (6,))}
 
 
 @pytest.mark.parametrize("training", [True, False])

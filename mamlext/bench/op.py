@@ -23,9 +23,6 @@ tool: it asserts nothing about time.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import statistics
 import time
 from functools import partial
@@ -35,6 +32,7 @@ import torch
 from torch.autograd import DeviceType
 
 import mamlext
+from mamlext.bench import report
 
 Shape = tuple[int, ...]
 LR = 0.4
@@ -129,7 +127,7 @@ def count_kernels(fn, device: torch.device) -> int:
     )
 
 
-COLUMNS = {  # key: (header, format)
+COLUMNS: report.Columns = {
     "config": ("config", "{}"),
     "T": ("T", "{}"),
     "elements": ("elements", "{:,}"),
@@ -222,33 +220,12 @@ def measure_list(config, shapes, tasks, dev, dtype, warmup, repeats, copy_gbps) 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table; the GPU-only columns only when some row has them."""
-    keys = [k for k in COLUMNS if any(r[k] is not None for r in rows)]
-    lines = [
-        "| " + " | ".join(COLUMNS[k][0] for k in keys) + " |",
-        "|" + "|".join("---" for _ in keys) + "|",
-    ]
-    for r in rows:
-        cells = ["" if r[k] is None else COLUMNS[k][1].format(r[k]) for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return report.markdown_table(rows, COLUMNS)
 
 
 def machine_info(device: str) -> str:
-    """CPU, torch, threads, GPU and the kernel serving ``fused_sgd`` on ``device``."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = models[0] if models else cpu
-    lines = [
-        f"CPU: {cpu} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    ]
-    device_type = torch.device(device).type
-    if device_type == "cuda":
-        lines.append(f"GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
-    status = mamlext.backend_info()[device_type]
-    lines.append(f"fused_sgd on {device_type}: {status.kernel} kernel ({status.reason})")
+    """The machine (:func:`mamlext.bench.report.machine_info`) and the parameter lists."""
+    lines = [report.machine_info(device)]
     for name, shapes in (("conv4", conv4_shapes()), ("resnet12", resnet12_shapes())):
         elements = sum(torch.Size(s).numel() for s in shapes)
         lines.append(f"{name}: {len(shapes)} tensors, {elements:,} elements per task")
@@ -272,13 +249,6 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(rows)
     print("\n" + table)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        report.write_table_csv(rows, args.csv, list(COLUMNS))
     if args.markdown:
-        args.markdown.write_text(header.replace("\n", "  \n") + "\n\n" + table + "\n")
-
-
-if __name__ == "__main__":
-    main()
+        args.markdown.write_text(report.markdown_page(header, table))
