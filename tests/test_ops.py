@@ -260,6 +260,37 @@ def test_torch_func_grad_of_vmapped_two_step_inner_loop_equals_plain_loop():
 
 # ---- bad input -------------------------------------------------------------------------
 
+
+def test_forward_mode_ad_outside_torch_func():
+    p, g = torch.randn(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
+    lr = torch.rand(2, dtype=F64)
+    dp, dg, dlr = (torch.randn_like(x) for x in (p, g, lr))
+    with torch.autograd.forward_ad.dual_level():
+        dual = [torch.autograd.forward_ad.make_dual(x, t) for x, t in ((p, dp), (g, dg), (lr, dlr))]
+        (out,) = fused_sgd([dual[0]], [dual[1]], [dual[2]])
+        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, dp - lr * dg - dlr * g)
+
+
+def test_torch_compile_of_a_first_order_step():
+    torch.manual_seed(0)
+    w, x, y = torch.randn(4, 3, requires_grad=True), torch.randn(8, 4), torch.randn(8, 3)
+
+    def step(w, lr: float):
+        inner = ((x @ w - y) ** 2).mean()
+        (gw,) = torch.autograd.grad(inner, w)
+        (fast,) = fused_sgd([w], [gw], lr)
+        return ((x @ fast - y) ** 2).mean()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=False)
+    loss = compiled(w, 0.1)
+    (meta_grad,) = torch.autograd.grad(loss, w)
+    with torch.no_grad():  # first order: the meta-gradient is the query gradient at fast
+        fast = w - 0.1 * 2 * x.T @ (x @ w - y) / y.numel()
+        want = 2 * x.T @ (x @ fast - y) / y.numel()
+    torch.testing.assert_close(meta_grad, want)
+
+
 BAD_INPUTS = {
     "lengths": (
         lambda: ([torch.zeros(2)], [torch.zeros(2), torch.zeros(2)], 0.1),
@@ -311,6 +342,31 @@ BAD_INPUTS = {
         ValueError,
         r"grads\[0\] is on meta but params\[0\] is on cpu",
     ),
+    # Once computed uninitialised CPU outputs: the call went to the meta kernel.
+    "mixed devices": (
+        lambda: (
+            [torch.ones(3), torch.ones(2, device="meta")],
+            [torch.ones(3), torch.ones(2, device="meta")],
+            0.5,
+        ),
+        ValueError,
+        r"params\[1\] is on meta but params\[0\] is on cpu; all tensors must be on one device",
+    ),
+    "complex lr": (
+        lambda: ([torch.zeros(3)], [torch.zeros(3)], torch.tensor(0.5 + 1j)),
+        TypeError,
+        r"lr\[0\] has dtype torch.complex64, expected a real floating-point rate",
+    ),
+    "non-tensor param": (
+        lambda: ([torch.zeros(3), [0.0, 1.0]], [torch.zeros(3), torch.zeros(2)], 0.1),
+        TypeError,
+        r"params\[1\] is a list, not a tensor",
+    ),
+    "non-tensor grad": (
+        lambda: ([torch.zeros(3), torch.zeros(2)], [torch.zeros(3), 2.0], 0.1),
+        TypeError,
+        r"grads\[1\] is a float, not a tensor",
+    ),
 }
 
 
@@ -321,7 +377,7 @@ def test_bad_input_gets_a_clear_error(name):
         fused_sgd(*make())
 
 
-@pytest.mark.parametrize("name", ["shape", "dtype", "integer", "lr broadcast"])
+@pytest.mark.parametrize("name", ["shape", "dtype", "integer", "lr broadcast", "mixed devices"])
 def test_native_kernel_rejects_bad_input_itself(name):
     """The C++ checks are the only ones on the native path: same exception, same message."""
     status = mamlext.backend_info()["cpu"]
@@ -466,7 +522,5 @@ def test_cuda_kernel_rejects_tensors_on_two_devices():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
     p = [torch.zeros(3, device="cuda:0"), torch.zeros(3, device="cuda:1")]
-    with pytest.raises(
-        RuntimeError, match=r"params\[1\] is on cuda:1 but params\[0\] is on cuda:0"
-    ):
+    with pytest.raises(ValueError, match=r"params\[1\] is on cuda:1 but params\[0\] is on cuda:0"):
         torch.ops.mamlext.fused_sgd(p, [x.clone() for x in p], [None, None], [0.1, 0.1])

@@ -10,8 +10,11 @@ Modes:
   rates) for random upstream gradients ``w``, i.e. the gradient of ``sum((o * w).sum())``.
 
 Each time is a median over repeats after a warm-up (CUDA events on a GPU,
-``time.perf_counter`` on a CPU). ``vs loop`` is the loop's median over the variant's
-(> 1: faster than the loop with the same kind of learning rate). On a GPU also: the
+``time.perf_counter`` on a CPU); the variants of one (list, mode) are timed in turn within
+each repeat, so that a change of machine load hits them alike. ``vs loop`` is the loop's
+median over the variant's (> 1: faster than the loop with the same kind of learning rate);
+``vs foreach`` likewise against ``torch._foreach_add`` (``_foreach_addcmul`` for
+per-element rates), the fastest pure-PyTorch way to apply the update. On a GPU also: the
 forward's bandwidth (read p, g and a rate tensor if any, write out) against a measured
 device-to-device copy, and the CUDA kernels one no-grad forward launches. A measurement
 tool: it asserts nothing about time.
@@ -74,13 +77,18 @@ def foreach(params, grads, lr):
     return torch._foreach_add(params, grads, alpha=-lr)
 
 
-# name: (op, per-element rates (Meta-SGD)?, the loop it is compared with)
+def foreach_per_element(params, grads, lrs):
+    return torch._foreach_addcmul(params, lrs, grads, value=-1)
+
+
+# name: (op, per-element rates (Meta-SGD)?, the loop and the foreach op it is compared with)
 VARIANTS = {
-    "loop": (loop, False, "loop"),
-    "foreach": (foreach, False, "loop"),
-    "fused": (mamlext.fused_sgd, False, "loop"),
-    "loop meta-sgd": (loop_per_element, True, "loop meta-sgd"),
-    "fused meta-sgd": (mamlext.fused_sgd, True, "loop meta-sgd"),
+    "loop": (loop, False, "loop", "foreach"),
+    "foreach": (foreach, False, "loop", "foreach"),
+    "fused": (mamlext.fused_sgd, False, "loop", "foreach"),
+    "loop meta-sgd": (loop_per_element, True, "loop meta-sgd", "foreach meta-sgd"),
+    "foreach meta-sgd": (foreach_per_element, True, "loop meta-sgd", "foreach meta-sgd"),
+    "fused meta-sgd": (mamlext.fused_sgd, True, "loop meta-sgd", "foreach meta-sgd"),
 }
 
 
@@ -96,23 +104,33 @@ def step(op, mode: str, params, grads, lr, weights):
 
 
 def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+    return medians_ms({"fn": fn}, device, warmup, repeats)["fn"]
+
+
+def medians_ms(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """The median time in ms of each function, timed in turn within each repeat."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_time_ms(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def count_kernels(fn, device: torch.device) -> int:
@@ -135,6 +153,7 @@ COLUMNS: report.Columns = {
     "mode": ("mode", "{}"),
     "median_ms": ("median ms", "{:.4g}"),
     "vs_loop": ("vs loop", "{:.2f}x"),
+    "vs_foreach": ("vs foreach", "{:.2f}x"),
     "gbps": ("GB/s", "{:.0f}"),
     "pct_copy": ("% of copy", "{:.0f}%"),
     "launches": ("launches", "{}"),
@@ -193,11 +212,13 @@ def measure_list(config, shapes, tasks, dev, dtype, warmup, repeats, copy_gbps) 
         torch.testing.assert_close(mamlext.fused_sgd(params, grads, LR), loop(params, grads, LR))
     rows = []
     for mode in MODES:
-        medians: dict[str, float] = {}
-        for variant, (op, per_element, baseline) in VARIANTS.items():
-            lr = rates if per_element else LR
-            fn = partial(step, op, mode, params, grads, lr, weights)
-            ms = medians[variant] = median_ms(fn, dev, warmup, repeats)
+        fns = {
+            variant: partial(step, op, mode, params, grads, rates if per_element else LR, weights)
+            for variant, (op, per_element, _, _) in VARIANTS.items()
+        }
+        medians = medians_ms(fns, dev, warmup, repeats)
+        for variant, (_, per_element, loop_variant, foreach_variant) in VARIANTS.items():
+            fn, ms = fns[variant], medians[variant]
             row = dict(
                 ROW,
                 config=config,
@@ -206,7 +227,8 @@ def measure_list(config, shapes, tasks, dev, dtype, warmup, repeats, copy_gbps) 
                 variant=variant,
                 mode=mode,
                 median_ms=ms,
-                vs_loop=medians[baseline] / ms,
+                vs_loop=medians[loop_variant] / ms,
+                vs_foreach=medians[foreach_variant] / ms,
             )
             if copy_gbps is not None and mode != "fwd+bwd":
                 moved = 3 * numel + (sum(r.numel() for r in rates) if per_element else 0)
