@@ -171,6 +171,7 @@ def build_maml(config: TrainConfig) -> MAML:
 
 
 def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(xs, ys, xq, yq)``: the support and query tensors of ``batch`` on ``device``."""
     (xs, ys), (xq, yq) = batch["train"], batch["test"]
     return tuple(t.to(device, non_blocking=True) for t in (xs, ys, xq, yq))
 
@@ -459,9 +460,4 @@ def evaluate_checkpoint(
         maml, sampler.spawn(0), tasks, config.meta_batch, torch.device(device), config.regression,
         steps,
     )  # fmt: skip
-    return {
-        "checkpoint": str(path),
-        "iteration": state["iteration"],
-        "steps": steps or config.test_steps,
-        **result,
-    }
+    return {"checkpoint": str(path), "iteration": state["iteration"], **result}  # result: steps
