@@ -50,6 +50,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.eval_tasks,
         help="meta-test tasks of the final evaluation",
     )
+    a(
+        "--periodic-eval-tasks",
+        type=int,
+        default=d.periodic_eval_tasks,
+        help="meta-test tasks of each evaluation every --eval-every iterations",
+    )
     a("--device", default=d.device)
     a("--seed", type=int, default=d.seed)
     a("--out", default=None, help="output folder (default: runs/<dataset>)")
@@ -69,21 +75,22 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 def _train(args: argparse.Namespace) -> int:
     from mamlext.train import train
 
-    result = train(_config(args))
+    config = _config(args)
+    result = train(config)
     if result is None:  # a non-zero rank of a distributed job
         return 0
     final = result["final"]
-    if result["config"]["dataset"] == "omniglot":
-        print(
-            f"meta-test accuracy over {final['tasks']} tasks: "
-            f"{100 * final['mean']:.2f} +- {100 * final['ci95']:.2f} % (95% CI)"
-        )
-    else:
+    if config.regression:
         before = result["before_adaptation"]
         steps = result["config"]["test_steps"]
         print(
             f"meta-test MSE over {final['tasks']} tasks: before adaptation {before['mean']:.3f} "
             f"+- {before['ci95']:.3f}, after {steps} steps {final['mean']:.3f} +- {final['ci95']:.3f}"
+        )
+    else:
+        print(
+            f"meta-test accuracy over {final['tasks']} tasks: "
+            f"{100 * final['mean']:.2f} +- {100 * final['ci95']:.2f} % (95% CI)"
         )
     print(f"results, metrics, checkpoint and plots in {result['out']}/")
     return 0

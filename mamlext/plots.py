@@ -78,6 +78,6 @@ def regression_fits(maml, sampler, out_path: Path, device, steps=(1, 10), tasks:
 
 def write_all(out: Path, metrics_path: Path, maml, eval_sampler, config, device) -> list[str]:
     paths = [learning_curves(metrics_path, out / "learning_curves.png")]
-    if config.dataset != "omniglot":
+    if config.regression:
         paths.append(regression_fits(maml, eval_sampler, out / "fits.png", device))
     return [str(p) for p in paths]

@@ -23,6 +23,14 @@ DATASETS = ("sinusoid", "harmonic", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "metasgd", "mamlpp", "anil")
 
 
+def _resumable(default: Any) -> Any:
+    """A :class:`TrainConfig` field that ``--resume`` may change.
+
+    Every other field must equal the checkpoint's (:func:`_check_same_run`).
+    """
+    return dataclasses.field(default=default, metadata={"resumable": True})
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a run depends on; ``None`` fields take the MAML paper's value for the data.
@@ -35,11 +43,14 @@ class TrainConfig:
     423 test characters; "maml": the paper's 1200 and 423).
     The outer learning rate is ``meta_lr`` times ``meta_lr_gamma`` per milestone passed
     (as ``torch.optim.lr_scheduler.MultiStepLR``); no milestones: constant, as the paper.
+    Every ``eval_every`` iterations, ``periodic_eval_tasks`` test tasks are evaluated and a
+    checkpoint is written; at the end, ``eval_tasks``. The fields declared ``_resumable`` may
+    differ when a run is resumed; the others must equal the checkpoint's.
     """
 
     dataset: str = "sinusoid"
-    data_root: str | None = None
-    download: bool = False
+    data_root: str | None = _resumable(None)  # a run may move, e.g. to a GPU machine and back
+    download: bool = _resumable(False)
     split_scheme: str = "vinyals"
     ways: int = 5
     shots: int | None = None
@@ -52,17 +63,29 @@ class TrainConfig:
     algorithm: str = "maml"
     bn: str = "transductive"
     meta_lr: float = 1e-3
-    meta_lr_milestones: tuple[int, ...] = ()
-    meta_lr_gamma: float = 0.1
-    iterations: int | None = None
-    eval_every: int | None = None
-    eval_tasks: int = 600
-    device: str = "cpu"
+    # The schedule may change on resume only after the checkpoint's iteration.
+    meta_lr_milestones: tuple[int, ...] = _resumable(())
+    meta_lr_gamma: float = _resumable(0.1)
+    iterations: int | None = _resumable(None)
+    eval_every: int | None = _resumable(None)
+    periodic_eval_tasks: int = _resumable(100)
+    eval_tasks: int = _resumable(600)
+    device: str = _resumable("cpu")
     seed: int = 0
-    out: str = "runs/mamlext"
-    resume: bool = False
-    plot: bool = True
-    progress: bool = True
+    out: str = _resumable("runs/mamlext")
+    resume: bool = _resumable(False)
+    plot: bool = _resumable(True)
+    progress: bool = _resumable(True)
+
+    @property
+    def regression(self) -> bool:
+        """Sinusoid/harmonic regression (MSE); otherwise Omniglot classification (accuracy)."""
+        return self.dataset != "omniglot"
+
+    @property
+    def metric_name(self) -> str:
+        """The key of the per-task metric in the metrics records."""
+        return "mse" if self.regression else "accuracy"
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by the paper's value, validated."""
@@ -72,7 +95,7 @@ class TrainConfig:
             raise ValueError(
                 f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}"
             )
-        regression = self.dataset != "omniglot"
+        regression = self.regression
         wide = self.ways >= 20
         defaults = dict(
             shots=10 if regression else 1,
@@ -93,13 +116,16 @@ class TrainConfig:
             raise ValueError(
                 "--dataset omniglot needs --data-root DIR (add --download to fetch it)"
             )
-        for name in ("shots", "query", "meta_batch", "iterations", "eval_every", "eval_tasks"):
+        for name in (
+            "shots", "query", "meta_batch", "iterations", "eval_every", "periodic_eval_tasks",
+            "eval_tasks",
+        ):  # fmt: skip
             if getattr(config, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if any(m < 1 for m in config.meta_lr_milestones) or config.meta_lr_gamma <= 0:
             raise ValueError("--meta-lr-milestones must be >= 1 and --meta-lr-gamma > 0")
         config.meta_lr_milestones = tuple(sorted(config.meta_lr_milestones))
-        if config.ways < 2 and not regression:
+        if config.ways < 2 and not config.regression:
             raise ValueError("--ways must be >= 2")
         return config
 
@@ -127,8 +153,8 @@ def build_sampler(config: TrainConfig, split: str, seed: int, rank: int = 0):
 
 
 def build_maml(config: TrainConfig) -> MAML:
-    regression = config.dataset != "omniglot"
-    model = mlp() if regression else conv4(config.ways)
+    """The paper's network for the data (1-40-40-1 MLP or Conv-4) in the config's MAML variant."""
+    model = mlp() if config.regression else conv4(config.ways)
     modes = {"metasgd": "per_element", "mamlpp": "per_layer_per_step"}
     head = [name for name, _ in model.meta_named_parameters()][-2:]
     return MAML(
@@ -137,7 +163,7 @@ def build_maml(config: TrainConfig) -> MAML:
         num_steps=config.inner_steps,
         num_test_steps=config.test_steps,
         first_order=config.first_order or config.algorithm == "fomaml",
-        loss_fn=F.mse_loss if regression else F.cross_entropy,
+        loss_fn=F.mse_loss if config.regression else F.cross_entropy,
         step_size_mode=modes.get(config.algorithm, "fixed"),
         adapt_params=head if config.algorithm == "anil" else None,
         bn=config.bn,
@@ -145,6 +171,7 @@ def build_maml(config: TrainConfig) -> MAML:
 
 
 def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(xs, ys, xq, yq)``: the support and query tensors of ``batch`` on ``device``."""
     (xs, ys), (xq, yq) = batch["train"], batch["test"]
     return tuple(t.to(device, non_blocking=True) for t in (xs, ys, xq, yq))
 
@@ -179,127 +206,169 @@ def evaluate(
     return {"mean": mean, "ci95": ci95, "tasks": len(values), "steps": steps}
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the steps of a training run share (set up by :func:`_set_up`)."""
+
+    config: TrainConfig  # resolved
+    world: distributed.World
+    maml: MAML
+    optimizer: torch.optim.Optimizer
+    sampler: Any  # this rank's training tasks
+    eval_sampler: Any  # the test split's tasks
+    start: int = 0  # iterations already done (a resumed run's checkpoint)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def local_batch(self) -> int:
+        """Tasks per step on this rank: the meta-batch split evenly over the processes."""
+        return self.config.meta_batch // self.world.size
+
+
 def train(config: TrainConfig) -> dict[str, Any] | None:
     """Meta-train, evaluate, write metrics/checkpoints/plots under ``config.out``.
 
     Returns the final evaluation (and where the files are); ``None`` on the other ranks
     of a distributed job, where only rank 0 evaluates and writes.
     """
-    config = config.resolved()
+    run = _set_up(config.resolved())
+    config = run.config
+    bar = _ProgressBar(run.start, config, enabled=config.progress and run.world.is_main)
+    began = time.perf_counter()
+    for iteration in range(run.start, config.iterations):
+        record = _meta_step(run, iteration)
+        bar.update(record["loss"], record[config.metric_name])
+        _record_and_checkpoint(run, record, seconds=time.perf_counter() - began)
+    bar.close()
+    run.world.close()
+    return _final_evaluation(run) if run.world.is_main else None
+
+
+def _set_up(config: TrainConfig) -> _Run:
+    """Model, optimizer and task samplers of a new run, or of the checkpoint's run to resume."""
     world = distributed.World.from_environment(config.device)
-    device = world.device
-    out = Path(config.out)
     if world.is_main:
-        _check_writable(out)
+        _check_writable(Path(config.out))
     torch.manual_seed(config.seed)
-    maml = build_maml(config).to(device)
+    maml = build_maml(config).to(world.device)
     world.broadcast_parameters(maml)
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
     if config.meta_batch % world.size:
         raise ValueError(
             f"--meta-batch {config.meta_batch} does not split evenly over {world.size} processes"
         )
-    local_batch = config.meta_batch // world.size
     sampler = build_sampler(config, "train", config.seed, rank=world.rank)
     eval_sampler = build_sampler(config, "test", config.seed + 1)
-    regression = config.dataset != "omniglot"
-
-    checkpoint_path = out / "checkpoint.pt"
-    start = 0
+    run = _Run(config, world, maml, optimizer, sampler, eval_sampler)
     if config.resume:
-        state = load_checkpoint(checkpoint_path)
-        _check_same_run(state["config"], config, state["iteration"])
-        if len(state["samplers"]) != world.size:
-            raise CheckpointError(
-                f"the checkpoint was written by {len(state['samplers'])} process(es); resume "
-                f"with the same number (now {world.size}) to continue every task stream"
-            )
-        maml.load_state_dict(state["maml"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["samplers"][world.rank])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["iteration"]
-    metrics_path = out / "metrics.jsonl"
-    if world.is_main and not config.resume:
-        metrics_path.unlink(missing_ok=True)
+        _restore(run, load_checkpoint(run.checkpoint_path))
+    if world.is_main and config.resume:
+        _drop_metrics_after(run.metrics_path, run.start)
     elif world.is_main:
-        _drop_metrics_after(metrics_path, start)
+        run.metrics_path.unlink(missing_ok=True)
+    return run
 
-    progress = _progress(start, config.iterations, enabled=config.progress and world.is_main)
-    running = None
-    began = time.perf_counter()
-    for iteration in range(start, config.iterations):
-        xs, ys, xq, yq = to_device(sampler.sample(local_batch), device)
-        meta_lr = meta_lr_at(config, iteration)
-        for group in optimizer.param_groups:
-            group["lr"] = meta_lr
-        optimizer.zero_grad(set_to_none=True)
-        loss, outputs = maml.meta_backward(xs, ys, xq, yq)  # per-task passes: low memory
-        world.average_gradients(maml)
-        optimizer.step()
-        metric = world.mean(task_metric(outputs, yq, regression).mean())
-        loss_value = world.mean(loss)
-        running = metric if running is None else 0.95 * running + 0.05 * metric
-        progress.set_postfix(
-            {"loss": f"{loss_value:.3f}", "mse" if regression else "acc": f"{running:.3f}"}
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    """Continue from ``state``: parameters, Adam, this rank's task stream and the torch RNG."""
+    _check_same_run(state["config"], run.config, state["iteration"])
+    if len(state["samplers"]) != run.world.size:
+        raise CheckpointError(
+            f"the checkpoint was written by {len(state['samplers'])} process(es); resume "
+            f"with the same number (now {run.world.size}) to continue every task stream"
         )
-        progress.update(1)
-        step = iteration + 1
-        record = {
-            "iteration": step,
-            "loss": loss_value,
-            ("mse" if regression else "accuracy"): metric,
-        }
-        checkpointing = step % config.eval_every == 0 or step == config.iterations
-        if checkpointing:
-            record["seconds"] = time.perf_counter() - began  # training time, before this eval
-            record["meta_lr"] = meta_lr
-            record["eval"] = evaluate(
-                maml, eval_sampler.spawn(step), 100, local_batch, device, regression
-            )
-            sampler_states = world.gather_states(sampler)  # a collective: every rank joins
-        if world.is_main:
-            # The record first: a crash between the two leaves a record that resume drops.
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if checkpointing:
-                save_checkpoint(
-                    _state(config, maml, optimizer, sampler_states, step), checkpoint_path
-                )
-    progress.close()
-    world.close()
-    if not world.is_main:
-        return None
+    run.maml.load_state_dict(state["maml"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.sampler.load_state_dict(state["samplers"][run.world.rank])
+    torch.set_rng_state(state["torch_rng"])
+    run.start = state["iteration"]
 
-    final = evaluate(
-        maml, eval_sampler.spawn(0), config.eval_tasks, local_batch, device, regression
-    )
-    result = {"config": dataclasses.asdict(config), "final": final, "out": str(out)}
-    if regression:
-        result["before_adaptation"] = evaluate(
-            maml,
-            eval_sampler.spawn(0),
-            config.eval_tasks,
-            local_batch,
-            device,
-            regression,
-            num_steps=0,
+
+def _meta_step(run: _Run, iteration: int) -> dict[str, Any]:
+    """One outer step on a fresh meta-batch, gradients averaged over the processes.
+
+    Returns the step's record: ``iteration`` (steps done), the query ``loss`` and metric
+    (``mse`` or ``accuracy``), each the mean over the tasks of every process.
+    """
+    config, world = run.config, run.world
+    xs, ys, xq, yq = to_device(run.sampler.sample(run.local_batch), world.device)
+    for group in run.optimizer.param_groups:
+        group["lr"] = meta_lr_at(config, iteration)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss, outputs = run.maml.meta_backward(xs, ys, xq, yq)  # per-task passes: low memory
+    world.average_gradients(run.maml)
+    run.optimizer.step()
+    metric = world.mean(task_metric(outputs, yq, config.regression).mean())
+    return {"iteration": iteration + 1, "loss": world.mean(loss), config.metric_name: metric}
+
+
+def _record_and_checkpoint(run: _Run, record: dict[str, Any], seconds: float) -> None:
+    """Append the step's record to metrics.jsonl, with an evaluation and a checkpoint when due.
+
+    Every ``eval_every`` steps and at the last, the record gets ``seconds`` (training time
+    so far, evaluations excluded), ``meta_lr`` and ``eval`` (``periodic_eval_tasks`` test
+    tasks), and the checkpoint is written after it.
+    """
+    config, step = run.config, record["iteration"]
+    checkpointing = step % config.eval_every == 0 or step == config.iterations
+    if checkpointing:
+        record["seconds"] = seconds
+        record["meta_lr"] = meta_lr_at(config, step - 1)
+        record["eval"] = evaluate(
+            run.maml, run.eval_sampler.spawn(step), config.periodic_eval_tasks,
+            run.local_batch, run.world.device, config.regression,
+        )  # fmt: skip
+        sampler_states = run.world.gather_states(run.sampler)  # a collective: every rank joins
+    if not run.world.is_main:
+        return
+    # The record first: a crash between the two leaves a record that resume drops.
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if checkpointing:
+        save_checkpoint(_state(run, sampler_states, step), run.checkpoint_path)
+
+
+def _final_evaluation(run: _Run) -> dict[str, Any]:
+    """Meta-test on ``eval_tasks`` tasks (regression: before adaptation too); final.json, plots."""
+    config = run.config
+
+    def on_test_tasks(num_steps: int | None = None) -> dict[str, float]:
+        return evaluate(
+            run.maml, run.eval_sampler.spawn(0), config.eval_tasks, run.local_batch,
+            run.world.device, config.regression, num_steps=num_steps,
+        )  # fmt: skip
+
+    result = {"config": dataclasses.asdict(config), "final": on_test_tasks(), "out": str(run.out)}
+    if config.regression:
+        result["before_adaptation"] = on_test_tasks(num_steps=0)
+    (run.out / "final.json").write_text(json.dumps(result, indent=2))
+    if config.plot:
+        from mamlext import plots
+
+        result["plots"] = plots.write_all(
+            run.out, run.metrics_path, run.maml, run.eval_sampler, config, run.world.device
         )
-    if world.is_main:
-        (out / "final.json").write_text(json.dumps(result, indent=2))
-        if config.plot:
-            from mamlext import plots
-
-            result["plots"] = plots.write_all(out, metrics_path, maml, eval_sampler, config, device)
     return result
 
 
-def _state(config, maml, optimizer, sampler_states, iteration) -> dict[str, Any]:
+def _state(run: _Run, sampler_states: list[Any], iteration: int) -> dict[str, Any]:
+    """The checkpoint: everything :func:`_restore` needs (``config`` as a plain dict)."""
     return {
         "iteration": iteration,
-        "config": dataclasses.asdict(config),
-        "maml": maml.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "config": dataclasses.asdict(run.config),
+        "maml": run.maml.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
         "samplers": sampler_states,
         "torch_rng": torch.get_rng_state(),
     }
@@ -321,30 +390,13 @@ def _drop_metrics_after(path: Path, iteration: int) -> None:
     os.replace(tmp, path)
 
 
-# Settings a resumed run may change (the rest must match the checkpoint's run; the
-# learning-rate schedule may change only after the checkpoint's iteration). data_root and
-# out may change so that a run can move, e.g. to a GPU machine and back.
-_RESUMABLE = {
-    "data_root",
-    "out",
-    "meta_lr_milestones",
-    "meta_lr_gamma",
-    "iterations",
-    "resume",
-    "progress",
-    "plot",
-    "eval_every",
-    "eval_tasks",
-    "device",
-    "download",
-}
-
-
 def _check_same_run(saved: dict[str, Any], config: TrainConfig, iteration: int) -> None:
+    """Refuse to resume with a non-resumable setting or an earlier schedule unlike the saved."""
     current = dataclasses.asdict(config)
     defaults = dataclasses.asdict(TrainConfig())
     saved = {k: saved.get(k, defaults[k]) for k in current}  # older checkpoints lack new keys
-    differ = {k: (saved[k], v) for k, v in current.items() if k not in _RESUMABLE and saved[k] != v}
+    fixed = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("resumable")]
+    differ = {k: (saved[k], current[k]) for k in fixed if saved[k] != current[k]}
     before = TrainConfig(**saved)
     changes = {0, *before.meta_lr_milestones, *config.meta_lr_milestones}
     if any(meta_lr_at(before, i) != meta_lr_at(config, i) for i in changes if i < iteration):
@@ -371,12 +423,28 @@ def _check_writable(out: Path) -> None:
         ) from None
 
 
-def _progress(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar showing the step's loss and a running mean of the training metric."""
 
-    # disable=None: no bar when stderr is not a terminal (CI logs, nohup)
-    disable = None if enabled else True
-    return tqdm(total=total, initial=start, disable=disable, desc="meta-train", dynamic_ncols=True)
+    def __init__(self, start: int, config: TrainConfig, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self._label = "mse" if config.regression else "acc"
+        self._running: float | None = None
+        # disable=None: no bar when stderr is not a terminal (CI logs, nohup)
+        self._bar = tqdm(
+            total=config.iterations, initial=start, disable=None if enabled else True,
+            desc="meta-train", dynamic_ncols=True,
+        )  # fmt: skip
+
+    def update(self, loss: float, metric: float) -> None:
+        running = self._running
+        self._running = metric if running is None else 0.95 * running + 0.05 * metric
+        self._bar.set_postfix({"loss": f"{loss:.3f}", self._label: f"{self._running:.3f}"})
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def evaluate_checkpoint(
@@ -388,13 +456,8 @@ def evaluate_checkpoint(
     maml = build_maml(config).to(device)
     maml.load_state_dict(state["maml"])
     sampler = build_sampler(config, "test", config.seed + 1)
-    regression = config.dataset != "omniglot"
     result = evaluate(
-        maml, sampler.spawn(0), tasks, config.meta_batch, torch.device(device), regression, steps
-    )
-    return {
-        "checkpoint": str(path),
-        "iteration": state["iteration"],
-        "steps": steps or config.test_steps,
-        **result,
-    }
+        maml, sampler.spawn(0), tasks, config.meta_batch, torch.device(device), config.regression,
+        steps,
+    )  # fmt: skip
+    return {"checkpoint": str(path), "iteration": state["iteration"], **result}  # result: steps

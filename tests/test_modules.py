@@ -4,9 +4,11 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mamlext import modules as mm
+from mamlext.modules import layers
 from tests.models import F64
 
 T, N = 3, 2
@@ -33,30 +35,75 @@ def check_batched_equals_loop(module, x):
     torch.testing.assert_close(g_batched, g_looped)
 
 
+# name: (make, input shape, the path _MetaConvNd must take on the CPU): "im2col" (unfold +
+# batched matmul, 2-d convolutions with few inputs per output) or "grouped" (one convolution
+# with the tasks as channel groups).
 CONVS = {
-    "conv2d first layer (matmul path)": (lambda: mm.MetaConv2d(1, 4, 3, padding=1), (1, 6, 6)),
+    "conv2d first layer": (lambda: mm.MetaConv2d(1, 4, 3, padding=1), (1, 6, 6), "im2col"),
     "conv2d strided dilated": (
         lambda: mm.MetaConv2d(2, 4, 3, stride=2, dilation=2, padding=2),
         (2, 9, 9),
+        "im2col",
     ),
-    "conv2d reflect padding (matmul)": (
+    "conv2d reflect padding": (
         lambda: mm.MetaConv2d(1, 3, 3, padding=1, padding_mode="reflect"),
         (1, 5, 5),
+        "im2col",
     ),
-    "conv2d many channels (grouped path)": (lambda: mm.MetaConv2d(8, 4, 3, padding=1), (8, 5, 5)),
-    "conv2d groups": (lambda: mm.MetaConv2d(4, 6, 3, groups=2), (4, 5, 5)),
-    "conv2d padding same": (lambda: mm.MetaConv2d(1, 2, 3, padding="same"), (1, 5, 5)),
-    "conv2d no bias": (lambda: mm.MetaConv2d(1, 2, 2, bias=False), (1, 4, 4)),
-    "conv1d": (lambda: mm.MetaConv1d(2, 3, 3, padding=1), (2, 7)),
-    "conv3d": (lambda: mm.MetaConv3d(1, 2, 2), (1, 3, 3, 3)),
+    "conv2d many channels": (lambda: mm.MetaConv2d(8, 4, 3, padding=1), (8, 5, 5), "grouped"),
+    "conv2d reflect padding, many channels": (
+        lambda: mm.MetaConv2d(8, 4, 3, padding=1, padding_mode="reflect"),
+        (8, 5, 5),
+        "grouped",
+    ),
+    "conv2d groups": (lambda: mm.MetaConv2d(4, 6, 3, groups=2), (4, 5, 5), "grouped"),
+    "conv2d padding same": (lambda: mm.MetaConv2d(1, 2, 3, padding="same"), (1, 5, 5), "grouped"),
+    "conv2d no bias": (lambda: mm.MetaConv2d(1, 2, 2, bias=False), (1, 4, 4), "im2col"),
+    "conv1d": (lambda: mm.MetaConv1d(2, 3, 3, padding=1), (2, 7), "grouped"),
+    "conv3d": (lambda: mm.MetaConv3d(1, 2, 2), (1, 3, 3, 3), "grouped"),
 }
 
 
 @pytest.mark.parametrize("name", list(CONVS))
 def test_batched_conv_equals_loop(name):
-    make, shape = CONVS[name]
+    make, shape, _ = CONVS[name]
     torch.manual_seed(0)
     check_batched_equals_loop(make().to(F64), torch.randn(T, N, *shape, dtype=F64))
+
+
+def record_conv_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Spy on what the layers call: ``("conv", groups)``, ``("unfold",)`` or ``("bmm",)``."""
+    calls = []
+
+    def spy(record, function):
+        def wrapper(*args, **kwargs):
+            calls.append(record(*args, **kwargs))
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for dims, conv in list(
+        layers._CONV.items()
+    ):  # conv(x, w, b, stride, padding, dilation, groups)
+        monkeypatch.setitem(layers._CONV, dims, spy(lambda *a: ("conv", a[6]), conv))
+    monkeypatch.setattr(F, "unfold", spy(lambda *a: ("unfold",), F.unfold))
+    for name in ("bmm", "baddbmm"):
+        monkeypatch.setattr(torch, name, spy(lambda *a: ("bmm",), getattr(torch, name)))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_batched_conv_takes_the_expected_path(name, monkeypatch):
+    make, shape, path = CONVS[name]
+    module = make()
+    params = per_task_params(module)
+    with monkeypatch.context() as patch:
+        calls = record_conv_calls(patch)
+        module(torch.randn(T, N, *shape), params=params)
+    if path == "im2col":
+        assert calls == [("unfold",), ("bmm",)]
+    else:  # every task's channel groups in one convolution
+        assert calls == [("conv", T * module.groups)]
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """mamlext train/evaluate: learning, resume, atomic checkpoints, and one-line errors."""
 
+import copy
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -8,8 +10,9 @@ import sys
 import pytest
 import torch
 
+import mamlext.train
 from mamlext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mamlext.train import TrainConfig, build_sampler, meta_lr_at, train
+from mamlext.train import TrainConfig, build_maml, build_sampler, evaluate, meta_lr_at, train
 from tests.conftest import REPO, SHARED_DATA
 
 OMNIGLOT = SHARED_DATA / "omniglot"
@@ -48,11 +51,34 @@ def test_split_scheme_chooses_the_training_characters(scheme, train_characters):
 
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "metasgd", "mamlpp", "anil"])
-def test_every_algorithm_trains(tmp_path, algorithm):
-    result = train(
-        quiet(algorithm=algorithm, iterations=5, eval_every=5, eval_tasks=10, out=str(tmp_path))
-    )
-    assert result["final"]["tasks"] == 10
+def test_every_algorithm_trains(tmp_path, monkeypatch, algorithm):
+    """30 steps at a high outer rate learn: every meta-parameter moved and is finite, and the
+    adapted query MSE beats no adaptation and the untrained initialisation's adaptation."""
+    built = []  # (the MAML train() trains, a copy of its initialisation)
+
+    def build_and_keep(config):
+        maml = build_maml(config)
+        built.append((maml, copy.deepcopy(maml)))
+        return maml
+
+    monkeypatch.setattr(mamlext.train, "build_maml", build_and_keep)
+    # test_steps=1, as trained: learned step sizes fitted to one step may diverge over more
+    config = quiet(
+        algorithm=algorithm, iterations=30, meta_lr=1e-2, test_steps=1, eval_every=30,
+        periodic_eval_tasks=10, eval_tasks=100, out=str(tmp_path),
+    )  # fmt: skip
+    result = train(config)
+    [(trained, untrained)] = built
+    for (name, p), p0 in zip(trained.named_parameters(), untrained.parameters(), strict=True):
+        assert torch.isfinite(p).all(), name
+        assert not torch.equal(p, p0), f"{name} did not change"
+    before, after = result["before_adaptation"]["mean"], result["final"]["mean"]
+    assert math.isfinite(before) and math.isfinite(after), result
+    assert after < before, result
+    # The same 100 test tasks (the test split's stream 0), adapted from the initialisation:
+    test_tasks = build_sampler(config.resolved(), "test", config.seed + 1).spawn(0)
+    from_init = evaluate(untrained, test_tasks, 100, 25, torch.device("cpu"), regression=True)
+    assert after < 0.95 * from_init["mean"], (result, from_init)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -135,6 +161,15 @@ def test_resume_refuses_a_schedule_change_before_the_checkpoint(tmp_path):
         train(changed)
 
 
+def test_resume_may_change_the_periodic_evaluation_but_not_the_seed(tmp_path):
+    run = dict(eval_every=10, eval_tasks=10, out=str(tmp_path))
+    train(quiet(iterations=10, periodic_eval_tasks=7, **run))
+    train(quiet(iterations=20, periodic_eval_tasks=5, resume=True, **run))
+    assert [r["eval"]["tasks"] for r in read_metrics(tmp_path) if "eval" in r] == [7, 5]
+    with pytest.raises(CheckpointError, match="seed: checkpoint 0 vs now 1"):
+        train(quiet(iterations=30, seed=1, resume=True, **run))
+
+
 def test_an_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"iteration": 1, "x": torch.ones(3)}, path)
@@ -193,6 +228,7 @@ def cli(*args: str):
         ),
         (["train", "--iterations", "0"], "--iterations must be >= 1"),
         (["train", "--meta-lr-milestones", "0"], "--meta-lr-milestones must be >= 1"),
+        (["train", "--periodic-eval-tasks", "0"], "--periodic-eval-tasks must be >= 1"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message):
@@ -230,6 +266,8 @@ def test_cli_train_then_evaluate(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "meta-test MSE over 20 tasks" in result.stdout
+    records = read_metrics(tmp_path)
+    assert [r["eval"]["tasks"] for r in records if "eval" in r] == [100]  # the default
     for name in ("checkpoint.pt", "metrics.jsonl", "final.json", "learning_curves.png", "fits.png"):
         assert (tmp_path / name).exists(), name
     evaluated = cli("evaluate", str(tmp_path / "checkpoint.pt"), "--tasks", "20")

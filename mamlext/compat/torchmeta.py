@@ -5,19 +5,23 @@ Import this module before torchmeta (nothing in site-packages is edited)::
     import mamlext.compat.torchmeta  # noqa: F401
     import torchmeta
 
-It bridges the three gaps measured in FACTS.md, and nothing else:
+It bridges three gaps, and nothing else (file and line numbers are torchmeta 1.8.0's):
 
-1. torchmeta's package ``__init__`` imports torchvision, and no PyPI torchvision imports
-   beside the CPU torch wheel (``operator torchvision::nms does not exist``). When the
-   modules torchmeta needs do not import, a stand-in ``torchvision`` (marked
-   ``__mamlext_stub__ = True``) offers only the names torchmeta imports, implemented for
-   PIL images as torchvision does. A working torchvision is never shadowed.
-2. Where torchvision imports, ``torchmeta.datasets.utils`` still imports the private
-   ``_get_confirm_token`` and ``_save_response_content`` of torchvision <= 0.8; whichever
-   is missing is added.
-3. ``SubsetTask`` overrides ``__getitem__`` without ``__getitems__``, which current
-   ``torch.utils.data.Subset.__init__`` rejects (breaking ``ClassSplitter`` and every
-   helper); it gets a ``__getitems__`` that maps its ``__getitem__``.
+1. ``torchmeta/__init__.py`` imports every subpackage, and ten of its modules import
+   torchvision at the top (e.g. ``torchmeta/transforms/target_transforms.py:1``), and the
+   PyPI torchvision does not import beside the CPU torch wheel (``operator torchvision::nms
+   does not exist``, as in pytorch/pytorch#122494). When the modules torchmeta needs do not import, a
+   stand-in ``torchvision`` (marked ``__mamlext_stub__ = True``) offers only the names
+   torchmeta imports, implemented for PIL images as torchvision does. A working
+   torchvision is never shadowed.
+2. Where torchvision imports, ``torchmeta/datasets/utils.py:39`` still imports the private
+   ``_get_confirm_token`` and ``_save_response_content`` of torchvision <= 0.8, which later
+   torchvision dropped (tristandeleu/pytorch-meta#176); whichever is missing is added.
+3. ``SubsetTask`` (``torchmeta/utils/data/task.py:53-63``) overrides ``__getitem__``
+   without ``__getitems__``, which current ``torch.utils.data.Subset.__init__`` rejects
+   with a ``NotImplementedError`` (torch 2.13.0: ``torch/utils/data/dataset.py:418-430``;
+   the DataLoader bug behind it: pytorch/pytorch#163184), breaking ``ClassSplitter`` and
+   every helper; it gets a ``__getitems__`` that maps its ``__getitem__``.
 
 torchmeta itself is imported here, right after the torchvision shims, and then patched.
 Every ``import torchmeta...`` runs the whole package ``__init__`` anyway, so this costs a
