@@ -16,7 +16,6 @@ MAML++ per-layer per-step rates (``"per_layer_per_step"``), ANIL (``adapt_params
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -28,13 +27,7 @@ from torch import Tensor, nn
 from mamlext.inner import inner_gradients
 from mamlext.modules import batchable
 from mamlext.modules.module import MetaModule
-from mamlext.modules.norm import (
-    BN_POLICIES,
-    Position,
-    _MetaBatchNorm,
-    forward_position,
-    recording_batch_stats,
-)
+from mamlext.modules.norm import BatchNormPolicy
 from mamlext.ops import fused_sgd
 
 LossFn = Callable[..., Tensor]
@@ -70,10 +63,14 @@ class MAML(nn.Module):
         allow_unused: let adapted parameters that the loss does not use stay unchanged
             instead of raising.
         bn: the BatchNorm statistics policy of every Meta BatchNorm layer (see
-            :class:`~mamlext.modules.norm._MetaBatchNorm` and ``docs/train_eval.md``):
+            :class:`~mamlext.BatchNormPolicy` and ``docs/train_eval.md``):
             ``"transductive"`` (original MAML: batch statistics always, running ones never
             touched), ``"per_step"`` (MAML++), ``"running"``, or ``None`` to leave the
             layers as they are (``nn.BatchNorm`` semantics).
+
+    Attributes:
+        bn_policy: the :class:`~mamlext.BatchNormPolicy` that owns the BatchNorm
+            statistics (``maml.bn_policy.set(name)`` changes the policy).
     """
 
     def __init__(
@@ -119,8 +116,7 @@ class MAML(nn.Module):
                 "batched=True needs a model built only from mamlext's Meta layers and per-sample "
                 "modules (a custom forward cannot be task-batched); use batched='auto' or False"
             )
-        self.bn = bn
-        _set_bn_policy(model, bn, num_steps)
+        self.bn_policy = BatchNormPolicy(model, bn, num_steps)
         self._loss_takes_reduction = _accepts_reduction(loss_fn)
 
         meta = OrderedDict(model.meta_named_parameters())
@@ -133,6 +129,11 @@ class MAML(nn.Module):
         else:
             rates = []
         self.step_sizes = nn.ParameterList([nn.Parameter(r) for r in rates])
+
+    @property
+    def bn(self) -> str | None:
+        """The BatchNorm policy's name (``bn_policy.name``)."""
+        return self.bn_policy.name
 
     # ---- adaptation -------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class MAML(nn.Module):
             Parameters by name: adapted ones ``[T, *shape]``, shared ones as they are.
         """
         num_tasks = _check_tasks(self.model, support_x=support_x, support_y=support_y)
-        if self._trains_bn_stats:
+        if self.bn_policy.trains_statistics(self.training):
             raise ValueError(
                 f"maml.adapt() in training mode cannot train bn={self.bn!r}'s running statistics "
                 "(they need the query forward too, and are committed once per meta-batch): "
@@ -197,7 +198,8 @@ class MAML(nn.Module):
             self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
         )
         versions = {name: p._version for name, p in self.model.named_parameters()}
-        with self._meta_batch():
+        self._check_modes()
+        with self.bn_policy.meta_batch(self.training):
             loss, outputs = self._meta_loss(
                 support_x, support_y, query_x, query_y, num_tasks, self._steps(num_steps)
             )
@@ -232,7 +234,8 @@ class MAML(nn.Module):
             tasks_per_pass = num_tasks if self.use_batched(support_x, query_x) else 1
         steps = self._steps(num_steps)
         losses, outputs = [], []
-        with self._meta_batch():
+        self._check_modes()
+        with self.bn_policy.meta_batch(self.training):
             for start in range(0, num_tasks, tasks_per_pass):
                 part = slice(start, start + tasks_per_pass)
                 size = support_x[part].shape[0]
@@ -243,23 +246,6 @@ class MAML(nn.Module):
                 losses.append(loss.detach() * size)
                 outputs.append(out.detach())
         return torch.stack(losses).sum() / num_tasks, torch.cat(outputs)
-
-    @property
-    def _trains_bn_stats(self) -> bool:
-        """Whether a meta-batch now updates BatchNorm running statistics (MAML's policies)."""
-        return self.training and self.bn in ("per_step", "running")
-
-    @contextlib.contextmanager
-    def _meta_batch(self):
-        """Checks before a meta-batch; BatchNorm statistics committed once after it."""
-        self._check_modes()
-        if not self._trains_bn_stats:
-            yield
-            return
-        with recording_batch_stats() as recorded:
-            yield
-        for layer in {layer for layer, _ in recorded}:
-            layer.commit_running_stats(recorded)
 
     def use_batched(self, support_x: Tensor, query_x: Tensor | None = None) -> bool:
         """Whether this meta-batch is adapted task-batched (see ``batched``)."""
@@ -273,13 +259,13 @@ class MAML(nn.Module):
     def _meta_loss(self, support_x, support_y, query_x, query_y, num_tasks, steps):
         if self.use_batched(support_x, query_x):
             fast = self._adapt_batched(support_x, support_y, steps)
-            with forward_position(Position(query=True)):
+            with self.bn_policy.at_query():
                 outputs = self.model(query_x, params=fast)
             return self._task_losses(outputs, query_y).mean(), outputs
         losses, outputs = [], []
         for t in range(num_tasks):
             fast = self._adapt_one(support_x[t], support_y[t], steps)
-            with forward_position(Position(query=True)):
+            with self.bn_policy.at_query():
                 out = self.model(query_x[t], params=fast)
             losses.append(self.loss_fn(out, query_y[t]))
             outputs.append(out)
@@ -294,22 +280,7 @@ class MAML(nn.Module):
                 UserWarning,
                 stacklevel=3,
             )
-        if not self.training or self.bn == "transductive":
-            return
-        for name, module in self.model.named_modules():
-            untrained_eval_bn = (
-                isinstance(module, nn.modules.batchnorm._BatchNorm)
-                and not module.training
-                and module.track_running_stats
-                and int(module.num_batches_tracked) == 0
-            )
-            if untrained_eval_bn:
-                raise ValueError(
-                    f"BatchNorm {name!r} is in eval mode during meta-training, with running "
-                    "statistics that were never trained: it would normalise with mean 0 and "
-                    "variance 1. Call maml.train() for meta-training (BatchNorm then uses batch "
-                    "statistics), or use bn='transductive'"
-                )
+        self.bn_policy.check_modes(self.training)
 
     def _in_place_guard(self, versions: dict[str, int]):
         params = dict(self.model.named_parameters())
@@ -356,7 +327,7 @@ class MAML(nn.Module):
         with torch.enable_grad():
             fast = start(OrderedDict(self.model.meta_named_parameters()))
             for step in range(steps):
-                with forward_position(Position(step=step)):
+                with self.bn_policy.at_step(step):
                     loss = support_loss(fast)
                 current = OrderedDict((name, fast[name]) for name in self.adapted_names)
                 grads = inner_gradients(loss, current, not second_order, self.allow_unused)
@@ -373,20 +344,6 @@ class MAML(nn.Module):
             )
             return per_sample.reshape(num_tasks, -1).mean(1)
         return torch.stack([self.loss_fn(o, t) for o, t in zip(outputs, targets)])
-
-
-def _set_bn_policy(model: nn.Module, bn: str | None, num_steps: int) -> None:
-    if bn is not None and bn not in BN_POLICIES:
-        raise ValueError(f"bn must be one of {BN_POLICIES} or None, got {bn!r}")
-    for name, module in model.named_modules():
-        if isinstance(module, _MetaBatchNorm):
-            module.set_policy(bn, num_steps)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and bn is not None:
-            raise ValueError(
-                f"{name!r} is a {type(module).__name__}, whose statistics mamlext cannot manage: "
-                "use mamlext's MetaBatchNorm (mamlext.modules.metafy converts a model), or pass "
-                "bn=None to keep its own nn.BatchNorm behaviour"
-            )
 
 
 def _accepts_reduction(loss_fn: LossFn) -> bool:
