@@ -29,9 +29,9 @@ from mamlext.modules import batchable
 from mamlext.modules.module import MetaModule
 from mamlext.modules.norm import BatchNormPolicy
 from mamlext.ops import fused_sgd
+from mamlext.step_sizes import StepSizes
 
 LossFn = Callable[..., Tensor]
-STEP_SIZE_MODES = ("fixed", "per_element", "per_layer_per_step")
 # Measured on a 2-core CPU (benchmarks/RESULTS.md): batching all tasks wins on MAML's
 # Omniglot 5-way 1-shot setting (10 samples per task) and loses from ~40 samples per task.
 CPU_BATCHED_MAX_SAMPLES = 16
@@ -50,7 +50,7 @@ class MAML(nn.Module):
             (``F.cross_entropy``, ``F.mse_loss``, ...).
         step_size_mode: ``"fixed"``; ``"per_element"`` (Meta-SGD: a learned rate for every
             parameter element); ``"per_layer_per_step"`` (MAML++: a learned rate for each
-            parameter tensor and step).
+            parameter tensor and step). See :class:`~mamlext.StepSizes`.
         adapt_params: names (or prefixes such as ``"classifier"``) of the parameters to
             adapt, or a predicate on names; the others stay shared (ANIL). Default: all.
         num_test_steps: inner steps in eval mode (meta-test); default ``num_steps``.
@@ -71,6 +71,7 @@ class MAML(nn.Module):
     Attributes:
         bn_policy: the :class:`~mamlext.BatchNormPolicy` that owns the BatchNorm
             statistics (``maml.bn_policy.set(name)`` changes the policy).
+        step_sizes: the :class:`~mamlext.StepSizes` (learned rates are its parameters).
     """
 
     def __init__(
@@ -93,21 +94,15 @@ class MAML(nn.Module):
                 f"MAML needs a MetaModule (forward(x, params=...)), got {type(model).__name__}; "
                 "convert a plain nn.Module with mamlext.modules.metafy(model)"
             )
-        if step_size_mode not in STEP_SIZE_MODES:
-            raise ValueError(
-                f"step_size_mode must be one of {STEP_SIZE_MODES}, got {step_size_mode!r}"
-            )
         if num_steps < 0 or (num_test_steps is not None and num_test_steps < 0):
             raise ValueError("num_steps and num_test_steps must be >= 0")
         if batched not in (True, False, "auto"):
             raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
         self.model = model
-        self.step_size = float(step_size)
         self.num_steps = num_steps
         self.num_test_steps = num_steps if num_test_steps is None else num_test_steps
         self.first_order = first_order
         self.loss_fn = loss_fn
-        self.step_size_mode = step_size_mode
         self.allow_unused = allow_unused
         self.batched = batched
         self._batchable = batchable(model)
@@ -116,19 +111,14 @@ class MAML(nn.Module):
                 "batched=True needs a model built only from mamlext's Meta layers and per-sample "
                 "modules (a custom forward cannot be task-batched); use batched='auto' or False"
             )
-        self.bn_policy = BatchNormPolicy(model, bn, num_steps)
         self._loss_takes_reduction = _accepts_reduction(loss_fn)
 
         meta = OrderedDict(model.meta_named_parameters())
         self.adapted_names = _select(meta, adapt_params)
-        if step_size_mode == "per_element":
-            rates = [torch.full_like(meta[n].detach(), step_size) for n in self.adapted_names]
-        elif step_size_mode == "per_layer_per_step":
-            steps = max(num_steps, 1)
-            rates = [meta[n].new_full((steps,), step_size).detach() for n in self.adapted_names]
-        else:
-            rates = []
-        self.step_sizes = nn.ParameterList([nn.Parameter(r) for r in rates])
+        self.step_sizes = StepSizes(
+            [meta[n] for n in self.adapted_names], step_size_mode, step_size, num_steps
+        )
+        self.bn_policy = BatchNormPolicy(model, bn, num_steps)
 
     @property
     def bn(self) -> str | None:
@@ -136,15 +126,6 @@ class MAML(nn.Module):
         return self.bn_policy.name
 
     # ---- adaptation -------------------------------------------------------------------
-
-    def step_lrs(self, step: int) -> float | list[Tensor]:
-        """The learning rate of inner step ``step`` for each adapted tensor."""
-        if self.step_size_mode == "per_element":
-            return list(self.step_sizes)
-        if self.step_size_mode == "per_layer_per_step":
-            # Steps beyond the trained ones (e.g. at meta-test) reuse the last rate.
-            return [rates[min(step, rates.shape[0] - 1)] for rates in self.step_sizes]
-        return self.step_size
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, num_steps: int | None = None
@@ -331,7 +312,7 @@ class MAML(nn.Module):
                     loss = support_loss(fast)
                 current = OrderedDict((name, fast[name]) for name in self.adapted_names)
                 grads = inner_gradients(loss, current, not second_order, self.allow_unused)
-                lrs = self.step_lrs(step)
+                lrs = self.step_sizes.at(step)
                 fast.update(zip(current, fused_sgd(list(current.values()), grads, lrs)))
         return fast
 

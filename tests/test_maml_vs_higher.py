@@ -68,18 +68,23 @@ def compare(name, tasks, steps, first_order, batched, step_size_mode="fixed"):
         step_size_mode=step_size_mode, batched=batched,
     ).to(F64)  # fmt: skip
     # learned rates start away from their initial value, so a mix-up would show
+    learned = maml.step_sizes.rates
     with torch.no_grad():
-        for rates in maml.step_sizes:
+        for rates in learned:
             rates.uniform_(0.1, 0.5)
     assert maml.batched == batched
 
     # The reference uses the same rate tensors, so their meta-gradients compare too.
     names = [n for n, _ in meta.meta_named_parameters()]
     assert names == [n for n, _ in plain.named_parameters()]
+    assert len(learned) == (0 if step_size_mode == "fixed" else len(names))
 
     def lrs_per_step(step):
-        lrs = maml.step_lrs(step)
-        return lrs if isinstance(lrs, list) else [lrs] * len(names)
+        if step_size_mode == "per_element":  # Meta-SGD: one rate per element, every step
+            return learned
+        if step_size_mode == "per_layer_per_step":  # MAML++: rates [steps] per tensor
+            return [rates[step] for rates in learned]
+        return [0.3] * len(names)
 
     if first_order:
         ref_losses, ref_adapted = first_order_reference(plain, xs, ys, xq, yq, steps, lrs_per_step)
@@ -87,11 +92,11 @@ def compare(name, tasks, steps, first_order, batched, step_size_mode="fixed"):
         ref_losses, ref_adapted = higher_reference(
             plain, xs, ys, xq, yq, steps, first_order, lrs_per_step
         )
-    ref_params = list(plain.parameters()) + list(maml.step_sizes)
+    ref_params = list(plain.parameters()) + learned
     ref_grads = torch.autograd.grad(ref_losses.mean(), ref_params, allow_unused=True)
 
     loss, logits = maml(xs, ys, xq, yq)
-    ours_params = list(meta.parameters()) + list(maml.step_sizes)
+    ours_params = list(meta.parameters()) + learned
     grads = torch.autograd.grad(loss, ours_params, allow_unused=True)
 
     per_task = (
@@ -100,7 +105,7 @@ def compare(name, tasks, steps, first_order, batched, step_size_mode="fixed"):
         .mean(1)
     )
     torch.testing.assert_close(per_task, ref_losses, **TOL)
-    for n, g, r in zip(names + ["lr"] * len(maml.step_sizes), grads, ref_grads):
+    for n, g, r in zip(names + ["lr"] * len(learned), grads, ref_grads):
         if r is None:  # e.g. the embedding's padding row gets no gradient in either
             assert g is None or g.abs().max() == 0, n
         else:
