@@ -175,14 +175,15 @@ class MAML(nn.Module):
             ``(loss, outputs)``: the query loss averaged over tasks (backward gives the
             meta-gradient) and the query outputs ``[T, Nq, ...]``.
         """
-        num_tasks = _check_tasks(
+        _check_tasks(
             self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
         )
         versions = {name: p._version for name, p in self.model.named_parameters()}
+        batched = self.use_batched(support_x, query_x)
         self._check_modes()
         with self.bn_policy.meta_batch(self.training):
             loss, outputs = self._meta_loss(
-                support_x, support_y, query_x, query_y, num_tasks, self._steps(num_steps)
+                support_x, support_y, query_x, query_y, self._steps(num_steps), batched
             )
         if loss.grad_fn is not None:
             loss.grad_fn.register_prehook(self._in_place_guard(versions))
@@ -211,8 +212,9 @@ class MAML(nn.Module):
         num_tasks = _check_tasks(
             self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
         )
+        batched = self.use_batched(support_x, query_x)
         if tasks_per_pass is None:
-            tasks_per_pass = num_tasks if self.use_batched(support_x, query_x) else 1
+            tasks_per_pass = num_tasks if batched else 1
         steps = self._steps(num_steps)
         losses, outputs = [], []
         self._check_modes()
@@ -221,7 +223,7 @@ class MAML(nn.Module):
                 part = slice(start, start + tasks_per_pass)
                 size = support_x[part].shape[0]
                 loss, out = self._meta_loss(
-                    support_x[part], support_y[part], query_x[part], query_y[part], size, steps
+                    support_x[part], support_y[part], query_x[part], query_y[part], steps, batched
                 )
                 (loss * (size / num_tasks)).backward()
                 losses.append(loss.detach() * size)
@@ -229,7 +231,11 @@ class MAML(nn.Module):
         return torch.stack(losses).sum() / num_tasks, torch.cat(outputs)
 
     def use_batched(self, support_x: Tensor, query_x: Tensor | None = None) -> bool:
-        """Whether this meta-batch is adapted task-batched (see ``batched``)."""
+        """Whether this meta-batch is adapted task-batched (see ``batched``).
+
+        The one place that decides; ``adapt``, ``forward`` and ``meta_backward`` ask once
+        per meta-batch.
+        """
         if self.batched != "auto":
             return bool(self.batched)
         samples = support_x.shape[1] + (0 if query_x is None else query_x.shape[1])
@@ -237,14 +243,15 @@ class MAML(nn.Module):
             support_x.device.type != "cpu" or samples <= CPU_BATCHED_MAX_SAMPLES
         )
 
-    def _meta_loss(self, support_x, support_y, query_x, query_y, num_tasks, steps):
-        if self.use_batched(support_x, query_x):
+    def _meta_loss(self, support_x, support_y, query_x, query_y, steps: int, batched: bool):
+        """The query loss averaged over tasks and the query outputs ``[T, Nq, ...]``."""
+        if batched:
             fast = self._adapt_batched(support_x, support_y, steps)
             with self.bn_policy.at_query():
                 outputs = self.model(query_x, params=fast)
             return self._task_losses(outputs, query_y).mean(), outputs
         losses, outputs = [], []
-        for t in range(num_tasks):
+        for t in range(support_x.shape[0]):
             fast = self._adapt_one(support_x[t], support_y[t], steps)
             with self.bn_policy.at_query():
                 out = self.model(query_x[t], params=fast)
