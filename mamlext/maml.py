@@ -16,6 +16,7 @@ MAML++ per-layer per-step rates (``"per_layer_per_step"``), ANIL (``adapt_params
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -67,6 +68,12 @@ class MAML(nn.Module):
             ``"transductive"`` (original MAML: batch statistics always, running ones never
             touched), ``"per_step"`` (MAML++), ``"running"``, or ``None`` to leave the
             layers as they are (``nn.BatchNorm`` semantics).
+        per_sample_loss: whether ``loss_fn(outputs, targets, reduction="none")`` gives
+            per-sample (or per-element) losses whose plain mean is ``loss_fn(outputs,
+            targets)``; then all tasks' losses take one call, else one call per task.
+            ``None`` detects it: true for torch's functional losses (``F.cross_entropy``,
+            ``F.mse_loss``, ...) and ``functools.partial`` of them that bind none of
+            ``reduction``, ``weight``, ``ignore_index`` (whose mean is not the plain one).
 
     Attributes:
         bn_policy: the :class:`~mamlext.BatchNormPolicy` that owns the BatchNorm
@@ -87,6 +94,7 @@ class MAML(nn.Module):
         batched: bool | str = "auto",
         allow_unused: bool = False,
         bn: str | None = "transductive",
+        per_sample_loss: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module) or not hasattr(model, "meta_named_parameters"):
@@ -103,6 +111,9 @@ class MAML(nn.Module):
         self.num_test_steps = num_steps if num_test_steps is None else num_test_steps
         self.first_order = first_order
         self.loss_fn = loss_fn
+        self.per_sample_loss = (
+            _plain_mean_loss(loss_fn) if per_sample_loss is None else bool(per_sample_loss)
+        )
         self.allow_unused = allow_unused
         self.batched = batched
         self._batchable = batchable(model)
@@ -111,8 +122,6 @@ class MAML(nn.Module):
                 "batched=True needs a model built only from mamlext's Meta layers and per-sample "
                 "modules (a custom forward cannot be task-batched); use batched='auto' or False"
             )
-        self._loss_takes_reduction = _accepts_reduction(loss_fn)
-
         meta = OrderedDict(model.meta_named_parameters())
         self.adapted_names = _select(meta, adapt_params)
         self.step_sizes = StepSizes(
@@ -326,7 +335,7 @@ class MAML(nn.Module):
     def _task_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Each task's mean loss, ``[T]``: one call over all tasks when the loss allows."""
         num_tasks = outputs.shape[0]
-        if self._loss_takes_reduction:
+        if self.per_sample_loss:
             per_sample = self.loss_fn(
                 outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none"
             )
@@ -334,14 +343,26 @@ class MAML(nn.Module):
         return torch.stack([self.loss_fn(o, t) for o, t in zip(outputs, targets)])
 
 
-def _accepts_reduction(loss_fn: LossFn) -> bool:
-    # torch's functional losses (cross_entropy, mse_loss, ...) are plain means that also
-    # give per-sample values (reduction="none"); other callables are called task by task.
-    return any(loss_fn is known for known in _MEAN_LOSSES)
+def _plain_mean_loss(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` is the plain mean of its ``reduction="none"`` values.
+
+    True for torch's functional losses, bare or in a ``functools.partial`` that binds
+    keywords such as ``label_smoothing``; other callables are called task by task.
+    """
+    bound: set[str] = set()
+    while isinstance(loss_fn, functools.partial):
+        if loss_fn.args:  # bound positionals would shift (outputs, targets)
+            return False
+        bound |= loss_fn.keywords.keys()
+        loss_fn = loss_fn.func
+    # reduction: the caller's own; weight and ignore_index make the mean a weighted one
+    if bound & {"reduction", "weight", "ignore_index"}:
+        return False
+    return any(loss_fn is known for known in _PLAIN_MEAN_LOSSES)
 
 
-_MEAN_LOSSES = {F.cross_entropy, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.nll_loss,
-                F.binary_cross_entropy_with_logits}  # fmt: skip
+_PLAIN_MEAN_LOSSES = (F.cross_entropy, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+                      F.nll_loss, F.binary_cross_entropy_with_logits)  # fmt: skip
 
 
 def _select(meta: OrderedDict[str, Tensor], adapt_params) -> list[str]:
