@@ -168,6 +168,7 @@ class BatchNormPolicy:
 
     @property
     def name(self) -> str | None:
+        """The policy: one of ``BN_POLICIES``, or ``None``; change it with :meth:`set`."""
         return self._name
 
     @property
