@@ -18,7 +18,6 @@ import json
 import torch
 
 from mamlext.checkpoint import load_checkpoint
-from mamlext.modules.norm import _MetaBatchNorm
 from mamlext.train import TrainConfig, build_maml, build_sampler, evaluate, train
 
 POLICIES = ("transductive", "per_step", "running")
@@ -32,9 +31,7 @@ def meta_test(run: str, policy: str, tasks: int) -> dict:
     maml = build_maml(config)
     maml.load_state_dict(state["maml"])
     if policy == UNTRAINED:
-        for module in maml.modules():
-            if isinstance(module, _MetaBatchNorm):
-                module.set_policy(None)  # nn.BatchNorm eval: the (never updated) running stats
+        maml.bn_policy.set(None)  # nn.BatchNorm eval: the (never updated) running stats
     sampler = build_sampler(config, "test", config.seed + 1)
     row = {"policy": policy, "iterations": state["iteration"]}
     for steps in (1, 3):

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mamlext.maml import MAML
+
 
 class PeerFailure(RuntimeError):
     """Another process of the job stopped answering."""
@@ -81,16 +83,17 @@ class World:
                 self._collective(dist.broadcast, tensor.data, src=0)
 
     def average_gradients(self, module: nn.Module) -> None:
-        """Average ``.grad`` of every parameter (and the per-step BN statistics) over ranks."""
+        """Average over ranks ``.grad`` of every parameter and the trained BN statistics.
+
+        The statistics: ``bn_policy.statistics()`` of each :class:`~mamlext.MAML` in
+        ``module`` (policies ``per_step``/``running``).
+        """
         if self.size == 1:
             return
         params = [p for p in module.parameters() if p.requires_grad]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        stats = [
-            b
-            for name, b in module.named_buffers()
-            if name.endswith(("step_running_mean", "step_running_var"))
-        ]
+        policies = [m.bn_policy for m in module.modules() if isinstance(m, MAML)]
+        stats = [t for policy in policies for t in policy.statistics()]
         flat = torch.cat([t.reshape(-1) for t in grads + stats])
         self._collective(dist.all_reduce, flat)
         flat /= self.size

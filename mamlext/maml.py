@@ -16,7 +16,7 @@ MAML++ per-layer per-step rates (``"per_layer_per_step"``), ANIL (``adapt_params
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -28,17 +28,11 @@ from torch import Tensor, nn
 from mamlext.inner import inner_gradients
 from mamlext.modules import batchable
 from mamlext.modules.module import MetaModule
-from mamlext.modules.norm import (
-    BN_POLICIES,
-    Position,
-    _MetaBatchNorm,
-    forward_position,
-    recording_batch_stats,
-)
+from mamlext.modules.norm import BatchNormPolicy
 from mamlext.ops import fused_sgd
+from mamlext.step_sizes import StepSizes
 
 LossFn = Callable[..., Tensor]
-STEP_SIZE_MODES = ("fixed", "per_element", "per_layer_per_step")
 # Measured on a 2-core CPU (benchmarks/RESULTS.md): batching all tasks wins on MAML's
 # Omniglot 5-way 1-shot setting (10 samples per task) and loses from ~40 samples per task.
 CPU_BATCHED_MAX_SAMPLES = 16
@@ -57,7 +51,7 @@ class MAML(nn.Module):
             (``F.cross_entropy``, ``F.mse_loss``, ...).
         step_size_mode: ``"fixed"``; ``"per_element"`` (Meta-SGD: a learned rate for every
             parameter element); ``"per_layer_per_step"`` (MAML++: a learned rate for each
-            parameter tensor and step).
+            parameter tensor and step). See :class:`~mamlext.StepSizes`.
         adapt_params: names (or prefixes such as ``"classifier"``) of the parameters to
             adapt, or a predicate on names; the others stay shared (ANIL). Default: all.
         num_test_steps: inner steps in eval mode (meta-test); default ``num_steps``.
@@ -70,10 +64,21 @@ class MAML(nn.Module):
         allow_unused: let adapted parameters that the loss does not use stay unchanged
             instead of raising.
         bn: the BatchNorm statistics policy of every Meta BatchNorm layer (see
-            :class:`~mamlext.modules.norm._MetaBatchNorm` and ``docs/train_eval.md``):
+            :class:`~mamlext.BatchNormPolicy` and ``docs/train_eval.md``):
             ``"transductive"`` (original MAML: batch statistics always, running ones never
             touched), ``"per_step"`` (MAML++), ``"running"``, or ``None`` to leave the
             layers as they are (``nn.BatchNorm`` semantics).
+        per_sample_loss: whether ``loss_fn(outputs, targets, reduction="none")`` gives
+            per-sample (or per-element) losses whose plain mean is ``loss_fn(outputs,
+            targets)``; then all tasks' losses take one call, else one call per task.
+            ``None`` detects it: true for torch's functional losses (``F.cross_entropy``,
+            ``F.mse_loss``, ...) and ``functools.partial`` of them that bind none of
+            ``reduction``, ``weight``, ``ignore_index`` (whose mean is not the plain one).
+
+    Attributes:
+        bn_policy: the :class:`~mamlext.BatchNormPolicy` that owns the BatchNorm
+            statistics (``maml.bn_policy.set(name)`` changes the policy).
+        step_sizes: the :class:`~mamlext.StepSizes` (learned rates are its parameters).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class MAML(nn.Module):
         batched: bool | str = "auto",
         allow_unused: bool = False,
         bn: str | None = "transductive",
+        per_sample_loss: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module) or not hasattr(model, "meta_named_parameters"):
@@ -96,21 +102,18 @@ class MAML(nn.Module):
                 f"MAML needs a MetaModule (forward(x, params=...)), got {type(model).__name__}; "
                 "convert a plain nn.Module with mamlext.modules.metafy(model)"
             )
-        if step_size_mode not in STEP_SIZE_MODES:
-            raise ValueError(
-                f"step_size_mode must be one of {STEP_SIZE_MODES}, got {step_size_mode!r}"
-            )
         if num_steps < 0 or (num_test_steps is not None and num_test_steps < 0):
             raise ValueError("num_steps and num_test_steps must be >= 0")
         if batched not in (True, False, "auto"):
             raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
         self.model = model
-        self.step_size = float(step_size)
         self.num_steps = num_steps
         self.num_test_steps = num_steps if num_test_steps is None else num_test_steps
         self.first_order = first_order
         self.loss_fn = loss_fn
-        self.step_size_mode = step_size_mode
+        self.per_sample_loss = (
+            _plain_mean_loss(loss_fn) if per_sample_loss is None else bool(per_sample_loss)
+        )
         self.allow_unused = allow_unused
         self.batched = batched
         self._batchable = batchable(model)
@@ -119,31 +122,19 @@ class MAML(nn.Module):
                 "batched=True needs a model built only from mamlext's Meta layers and per-sample "
                 "modules (a custom forward cannot be task-batched); use batched='auto' or False"
             )
-        self.bn = bn
-        _set_bn_policy(model, bn, num_steps)
-        self._loss_takes_reduction = _accepts_reduction(loss_fn)
-
         meta = OrderedDict(model.meta_named_parameters())
         self.adapted_names = _select(meta, adapt_params)
-        if step_size_mode == "per_element":
-            rates = [torch.full_like(meta[n].detach(), step_size) for n in self.adapted_names]
-        elif step_size_mode == "per_layer_per_step":
-            steps = max(num_steps, 1)
-            rates = [meta[n].new_full((steps,), step_size).detach() for n in self.adapted_names]
-        else:
-            rates = []
-        self.step_sizes = nn.ParameterList([nn.Parameter(r) for r in rates])
+        self.step_sizes = StepSizes(
+            [meta[n] for n in self.adapted_names], step_size_mode, step_size, num_steps
+        )
+        self.bn_policy = BatchNormPolicy(model, bn, num_steps)
+
+    @property
+    def bn(self) -> str | None:
+        """The BatchNorm policy's name (``bn_policy.name``)."""
+        return self.bn_policy.name
 
     # ---- adaptation -------------------------------------------------------------------
-
-    def step_lrs(self, step: int) -> float | list[Tensor]:
-        """The learning rate of inner step ``step`` for each adapted tensor."""
-        if self.step_size_mode == "per_element":
-            return list(self.step_sizes)
-        if self.step_size_mode == "per_layer_per_step":
-            # Steps beyond the trained ones (e.g. at meta-test) reuse the last rate.
-            return [rates[min(step, rates.shape[0] - 1)] for rates in self.step_sizes]
-        return self.step_size
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, num_steps: int | None = None
@@ -159,7 +150,7 @@ class MAML(nn.Module):
             Parameters by name: adapted ones ``[T, *shape]``, shared ones as they are.
         """
         num_tasks = _check_tasks(self.model, support_x=support_x, support_y=support_y)
-        if self._trains_bn_stats:
+        if self.bn_policy.trains_statistics(self.training):
             raise ValueError(
                 f"maml.adapt() in training mode cannot train bn={self.bn!r}'s running statistics "
                 "(they need the query forward too, and are committed once per meta-batch): "
@@ -193,13 +184,15 @@ class MAML(nn.Module):
             ``(loss, outputs)``: the query loss averaged over tasks (backward gives the
             meta-gradient) and the query outputs ``[T, Nq, ...]``.
         """
-        num_tasks = _check_tasks(
+        _check_tasks(
             self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
         )
         versions = {name: p._version for name, p in self.model.named_parameters()}
-        with self._meta_batch():
+        batched = self.use_batched(support_x, query_x)
+        self._check_modes()
+        with self.bn_policy.meta_batch(self.training):
             loss, outputs = self._meta_loss(
-                support_x, support_y, query_x, query_y, num_tasks, self._steps(num_steps)
+                support_x, support_y, query_x, query_y, self._steps(num_steps), batched
             )
         if loss.grad_fn is not None:
             loss.grad_fn.register_prehook(self._in_place_guard(versions))
@@ -228,41 +221,30 @@ class MAML(nn.Module):
         num_tasks = _check_tasks(
             self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
         )
+        batched = self.use_batched(support_x, query_x)
         if tasks_per_pass is None:
-            tasks_per_pass = num_tasks if self.use_batched(support_x, query_x) else 1
+            tasks_per_pass = num_tasks if batched else 1
         steps = self._steps(num_steps)
         losses, outputs = [], []
-        with self._meta_batch():
+        self._check_modes()
+        with self.bn_policy.meta_batch(self.training):
             for start in range(0, num_tasks, tasks_per_pass):
                 part = slice(start, start + tasks_per_pass)
                 size = support_x[part].shape[0]
                 loss, out = self._meta_loss(
-                    support_x[part], support_y[part], query_x[part], query_y[part], size, steps
+                    support_x[part], support_y[part], query_x[part], query_y[part], steps, batched
                 )
                 (loss * (size / num_tasks)).backward()
                 losses.append(loss.detach() * size)
                 outputs.append(out.detach())
         return torch.stack(losses).sum() / num_tasks, torch.cat(outputs)
 
-    @property
-    def _trains_bn_stats(self) -> bool:
-        """Whether a meta-batch now updates BatchNorm running statistics (MAML's policies)."""
-        return self.training and self.bn in ("per_step", "running")
-
-    @contextlib.contextmanager
-    def _meta_batch(self):
-        """Checks before a meta-batch; BatchNorm statistics committed once after it."""
-        self._check_modes()
-        if not self._trains_bn_stats:
-            yield
-            return
-        with recording_batch_stats() as recorded:
-            yield
-        for layer in {layer for layer, _ in recorded}:
-            layer.commit_running_stats(recorded)
-
     def use_batched(self, support_x: Tensor, query_x: Tensor | None = None) -> bool:
-        """Whether this meta-batch is adapted task-batched (see ``batched``)."""
+        """Whether this meta-batch is adapted task-batched (see ``batched``).
+
+        The one place that decides; ``adapt``, ``forward`` and ``meta_backward`` ask once
+        per meta-batch.
+        """
         if self.batched != "auto":
             return bool(self.batched)
         samples = support_x.shape[1] + (0 if query_x is None else query_x.shape[1])
@@ -270,16 +252,17 @@ class MAML(nn.Module):
             support_x.device.type != "cpu" or samples <= CPU_BATCHED_MAX_SAMPLES
         )
 
-    def _meta_loss(self, support_x, support_y, query_x, query_y, num_tasks, steps):
-        if self.use_batched(support_x, query_x):
+    def _meta_loss(self, support_x, support_y, query_x, query_y, steps: int, batched: bool):
+        """The query loss averaged over tasks and the query outputs ``[T, Nq, ...]``."""
+        if batched:
             fast = self._adapt_batched(support_x, support_y, steps)
-            with forward_position(Position(query=True)):
+            with self.bn_policy.at_query():
                 outputs = self.model(query_x, params=fast)
             return self._task_losses(outputs, query_y).mean(), outputs
         losses, outputs = [], []
-        for t in range(num_tasks):
+        for t in range(support_x.shape[0]):
             fast = self._adapt_one(support_x[t], support_y[t], steps)
-            with forward_position(Position(query=True)):
+            with self.bn_policy.at_query():
                 out = self.model(query_x[t], params=fast)
             losses.append(self.loss_fn(out, query_y[t]))
             outputs.append(out)
@@ -294,22 +277,7 @@ class MAML(nn.Module):
                 UserWarning,
                 stacklevel=3,
             )
-        if not self.training or self.bn == "transductive":
-            return
-        for name, module in self.model.named_modules():
-            untrained_eval_bn = (
-                isinstance(module, nn.modules.batchnorm._BatchNorm)
-                and not module.training
-                and module.track_running_stats
-                and int(module.num_batches_tracked) == 0
-            )
-            if untrained_eval_bn:
-                raise ValueError(
-                    f"BatchNorm {name!r} is in eval mode during meta-training, with running "
-                    "statistics that were never trained: it would normalise with mean 0 and "
-                    "variance 1. Call maml.train() for meta-training (BatchNorm then uses batch "
-                    "statistics), or use bn='transductive'"
-                )
+        self.bn_policy.check_modes(self.training)
 
     def _in_place_guard(self, versions: dict[str, int]):
         params = dict(self.model.named_parameters())
@@ -356,18 +324,18 @@ class MAML(nn.Module):
         with torch.enable_grad():
             fast = start(OrderedDict(self.model.meta_named_parameters()))
             for step in range(steps):
-                with forward_position(Position(step=step)):
+                with self.bn_policy.at_step(step):
                     loss = support_loss(fast)
                 current = OrderedDict((name, fast[name]) for name in self.adapted_names)
                 grads = inner_gradients(loss, current, not second_order, self.allow_unused)
-                lrs = self.step_lrs(step)
+                lrs = self.step_sizes.at(step)
                 fast.update(zip(current, fused_sgd(list(current.values()), grads, lrs)))
         return fast
 
     def _task_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Each task's mean loss, ``[T]``: one call over all tasks when the loss allows."""
         num_tasks = outputs.shape[0]
-        if self._loss_takes_reduction:
+        if self.per_sample_loss:
             per_sample = self.loss_fn(
                 outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none"
             )
@@ -375,28 +343,26 @@ class MAML(nn.Module):
         return torch.stack([self.loss_fn(o, t) for o, t in zip(outputs, targets)])
 
 
-def _set_bn_policy(model: nn.Module, bn: str | None, num_steps: int) -> None:
-    if bn is not None and bn not in BN_POLICIES:
-        raise ValueError(f"bn must be one of {BN_POLICIES} or None, got {bn!r}")
-    for name, module in model.named_modules():
-        if isinstance(module, _MetaBatchNorm):
-            module.set_policy(bn, num_steps)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and bn is not None:
-            raise ValueError(
-                f"{name!r} is a {type(module).__name__}, whose statistics mamlext cannot manage: "
-                "use mamlext's MetaBatchNorm (mamlext.modules.metafy converts a model), or pass "
-                "bn=None to keep its own nn.BatchNorm behaviour"
-            )
+def _plain_mean_loss(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` is the plain mean of its ``reduction="none"`` values.
+
+    True for torch's functional losses, bare or in a ``functools.partial`` that binds
+    keywords such as ``label_smoothing``; other callables are called task by task.
+    """
+    bound: set[str] = set()
+    while isinstance(loss_fn, functools.partial):
+        if loss_fn.args:  # bound positionals would shift (outputs, targets)
+            return False
+        bound |= loss_fn.keywords.keys()
+        loss_fn = loss_fn.func
+    # reduction: the caller's own; weight and ignore_index make the mean a weighted one
+    if bound & {"reduction", "weight", "ignore_index"}:
+        return False
+    return any(loss_fn is known for known in _PLAIN_MEAN_LOSSES)
 
 
-def _accepts_reduction(loss_fn: LossFn) -> bool:
-    # torch's functional losses (cross_entropy, mse_loss, ...) are plain means that also
-    # give per-sample values (reduction="none"); other callables are called task by task.
-    return any(loss_fn is known for known in _MEAN_LOSSES)
-
-
-_MEAN_LOSSES = {F.cross_entropy, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.nll_loss,
-                F.binary_cross_entropy_with_logits}  # fmt: skip
+_PLAIN_MEAN_LOSSES = (F.cross_entropy, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+                      F.nll_loss, F.binary_cross_entropy_with_logits)  # fmt: skip
 
 
 def _select(meta: OrderedDict[str, Tensor], adapt_params) -> list[str]:

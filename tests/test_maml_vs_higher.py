@@ -1,5 +1,6 @@
 """mamlext.MAML (task-batched and per-task) against the per-task higher loop, float64."""
 
+import functools
 from collections import OrderedDict
 
 import higher
@@ -23,7 +24,9 @@ def episode(make_input, tasks, seed=1):
     return xs, ys, xq, yq
 
 
-def higher_reference(plain, xs, ys, xq, yq, steps, first_order, lrs_per_step):
+def higher_reference(
+    plain, xs, ys, xq, yq, steps, first_order, lrs_per_step, loss_fn=F.cross_entropy
+):
     """The MAML reference: higher.innerloop_ctx per task (copy_initial_weights=False).
 
     ``lrs_per_step(step)`` gives one learning rate (float or tensor) per parameter.
@@ -36,10 +39,8 @@ def higher_reference(plain, xs, ys, xq, yq, steps, first_order, lrs_per_step):
             plain, opt, copy_initial_weights=False, track_higher_grads=not first_order
         ) as (fmodel, diffopt):
             for step in range(steps):
-                diffopt.step(
-                    F.cross_entropy(fmodel(xs[t]), ys[t]), override={"lr": lrs_per_step(step)}
-                )
-            losses.append(F.cross_entropy(fmodel(xq[t]), yq[t]))
+                diffopt.step(loss_fn(fmodel(xs[t]), ys[t]), override={"lr": lrs_per_step(step)})
+            losses.append(loss_fn(fmodel(xq[t]), yq[t]))
             adapted.append([p for p in fmodel.parameters()])
     return torch.stack(losses), adapted
 
@@ -68,18 +69,23 @@ def compare(name, tasks, steps, first_order, batched, step_size_mode="fixed"):
         step_size_mode=step_size_mode, batched=batched,
     ).to(F64)  # fmt: skip
     # learned rates start away from their initial value, so a mix-up would show
+    learned = maml.step_sizes.rates
     with torch.no_grad():
-        for rates in maml.step_sizes:
+        for rates in learned:
             rates.uniform_(0.1, 0.5)
     assert maml.batched == batched
 
     # The reference uses the same rate tensors, so their meta-gradients compare too.
     names = [n for n, _ in meta.meta_named_parameters()]
     assert names == [n for n, _ in plain.named_parameters()]
+    assert len(learned) == (0 if step_size_mode == "fixed" else len(names))
 
     def lrs_per_step(step):
-        lrs = maml.step_lrs(step)
-        return lrs if isinstance(lrs, list) else [lrs] * len(names)
+        if step_size_mode == "per_element":  # Meta-SGD: one rate per element, every step
+            return learned
+        if step_size_mode == "per_layer_per_step":  # MAML++: rates [steps] per tensor
+            return [rates[step] for rates in learned]
+        return [0.3] * len(names)
 
     if first_order:
         ref_losses, ref_adapted = first_order_reference(plain, xs, ys, xq, yq, steps, lrs_per_step)
@@ -87,11 +93,11 @@ def compare(name, tasks, steps, first_order, batched, step_size_mode="fixed"):
         ref_losses, ref_adapted = higher_reference(
             plain, xs, ys, xq, yq, steps, first_order, lrs_per_step
         )
-    ref_params = list(plain.parameters()) + list(maml.step_sizes)
+    ref_params = list(plain.parameters()) + learned
     ref_grads = torch.autograd.grad(ref_losses.mean(), ref_params, allow_unused=True)
 
     loss, logits = maml(xs, ys, xq, yq)
-    ours_params = list(meta.parameters()) + list(maml.step_sizes)
+    ours_params = list(meta.parameters()) + learned
     grads = torch.autograd.grad(loss, ours_params, allow_unused=True)
 
     per_task = (
@@ -100,7 +106,7 @@ def compare(name, tasks, steps, first_order, batched, step_size_mode="fixed"):
         .mean(1)
     )
     torch.testing.assert_close(per_task, ref_losses, **TOL)
-    for n, g, r in zip(names + ["lr"] * len(maml.step_sizes), grads, ref_grads):
+    for n, g, r in zip(names + ["lr"] * len(learned), grads, ref_grads):
         if r is None:  # e.g. the embedding's padding row gets no gradient in either
             assert g is None or g.abs().max() == 0, n
         else:
@@ -155,6 +161,57 @@ def test_meta_gradient_matches_central_finite_differences(name):
                     p.sub_(sign * eps * d)
         numeric = (values[0] - values[1]) / (2 * eps)
         assert abs(numeric - analytic.item()) <= 1e-6 * max(1.0, abs(numeric)), (numeric, analytic)
+
+
+def smoothed_cross_entropy(outputs, targets, reduction="mean"):
+    """A loss mamlext does not know, which the caller may declare per-sample."""
+    return F.cross_entropy(outputs, targets, label_smoothing=0.1, reduction=reduction)
+
+
+@pytest.mark.parametrize(
+    "loss_fn,per_sample_loss,one_call",
+    [
+        (functools.partial(F.cross_entropy, label_smoothing=0.1), None, True),
+        (lambda outputs, targets: smoothed_cross_entropy(outputs, targets), None, False),
+        (smoothed_cross_entropy, None, False),
+        (smoothed_cross_entropy, True, True),
+        (functools.partial(F.cross_entropy, label_smoothing=0.1), False, False),
+    ],
+    ids=["partial", "lambda", "custom", "custom-declared", "partial-declined"],
+)
+def test_loss_with_keywords_takes_its_path_and_equals_higher(loss_fn, per_sample_loss, one_call):
+    """One loss call over all tasks when the loss gives per-sample values, else one per task."""
+    plain, meta, make_input = twins("conv-batchnorm2d")
+    xs, ys, xq, yq = episode(make_input, tasks=3)
+    maml = mamlext.MAML(
+        meta, step_size=0.3, num_steps=2, loss_fn=loss_fn, per_sample_loss=per_sample_loss,
+        batched=True,
+    ).to(F64)  # fmt: skip
+    assert maml.per_sample_loss is one_call
+    lrs = [0.3] * len(list(plain.parameters()))
+    ref_losses, _ = higher_reference(
+        plain, xs, ys, xq, yq, 2, False, lambda step: lrs, loss_fn=smoothed_cross_entropy
+    )
+    ref = torch.autograd.grad(ref_losses.mean(), list(plain.parameters()))
+    loss, _ = maml(xs, ys, xq, yq)
+    grads = torch.autograd.grad(loss, list(meta.parameters()))
+    torch.testing.assert_close(loss, ref_losses.mean(), **TOL)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+def test_a_partial_that_changes_the_mean_is_called_per_task():
+    """Class weights make cross_entropy's mean a weighted one: not a plain per-sample mean."""
+    weight = torch.tensor([1.0, 3.0, 0.5], dtype=F64)
+    for bound in (dict(weight=weight), dict(reduction="sum"), dict(ignore_index=1)):
+        loss_fn = functools.partial(F.cross_entropy, **bound)
+        plain, meta, make_input = twins("mlp-layernorm")
+        xs, ys, xq, yq = episode(make_input, tasks=2)
+        maml = mamlext.MAML(meta, step_size=0.3, loss_fn=loss_fn, batched=True).to(F64)
+        assert not maml.per_sample_loss, bound
+        loss, _ = maml(xs, ys, xq, yq, num_steps=0)  # no adaptation: the loss at theta
+        want = torch.stack([loss_fn(plain(xq[t]), yq[t]) for t in range(2)]).mean()
+        torch.testing.assert_close(loss, want, **TOL)
 
 
 def test_torchmeta_hand_derived_values():

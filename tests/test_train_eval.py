@@ -245,6 +245,98 @@ def test_foreign_batchnorm_needs_an_explicit_choice():
     mamlext.MAML(model, bn=None, batched=False)
 
 
+def test_the_policy_changes_through_its_owner_and_maml_follows():
+    """bn_policy.set(None): nn.BatchNorm's eval, the (never trained) running statistics."""
+    plain, meta, make_input = twins("conv-batchnorm2d")
+    maml = mamlext.MAML(meta, step_size=0.3, bn="transductive").to(F64)
+    xs, ys, xq, yq = episode(make_input, tasks=2)
+    maml.eval()
+    plain.eval()
+    maml.bn_policy.set(None)
+    assert maml.bn is None
+    _, out = maml(xs, ys, xq, yq, num_steps=0)
+    for t in range(2):
+        torch.testing.assert_close(out[t], plain(xq[t]))  # normalised with mean 0, variance 1
+    maml.bn_policy.set("transductive")
+    plain.train()  # batch statistics, as transductive
+    _, out = maml(xs, ys, xq, yq, num_steps=0)
+    for t in range(2):
+        torch.testing.assert_close(out[t], plain(xq[t]))
+    with pytest.raises(ValueError, match=r"bn must be one of .*got 'per-step'"):
+        maml.bn_policy.set("per-step")
+
+
+def test_per_step_needs_layers_that_track_running_stats():
+    model = mm.MetaSequential(mm.MetaLinear(3, 4), mm.MetaBatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"'1'.*'per_step' needs track_running_stats=True"):
+        mamlext.MAML(model, bn="per_step")
+    assert model[1].bn_policy is None  # a refused policy changes no layer
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bn,mode", [("per_step", "per_layer_per_step"), ("running", "per_element")]
+)
+def test_a_state_dict_with_the_names_and_shapes_of_earlier_checkpoints_loads(bn, mode):
+    """``mamlext train`` checkpoints: the names and shapes before BatchNormPolicy/StepSizes.
+
+    Built by hand: the plain model's entries under ``model.``, two ``[rows, C]`` sets per
+    BatchNorm (``per_step``: one per inner step, then the query's; ``running``: one), and
+    rate ``i`` of parameter ``i`` as ``step_sizes.i``. The meta-test then follows a by-hand
+    reference that reads each entry in its role.
+    """
+    steps, tasks = 2, 2
+    plain, meta, make_input = twins("conv-batchnorm2d")
+    maml = mamlext.MAML(meta, step_size=0.3, num_steps=steps, bn=bn, step_size_mode=mode)
+    maml.to(F64)
+    gen = torch.Generator().manual_seed(5)
+
+    def positive(*shape):
+        return 0.5 + torch.rand(*shape, generator=gen, dtype=F64)
+
+    state = {}
+    for key, value in plain.state_dict().items():
+        state[f"model.{key}"] = torch.tensor(7) if "tracked" in key else positive(value.shape)
+    rows = steps + 1 if bn == "per_step" else 1
+    norms = [key[: -len(".running_mean")] for key in plain.state_dict() if "running_mean" in key]
+    for layer in norms:
+        channels = state[f"model.{layer}.running_mean"].shape[0]
+        state[f"model.{layer}.step_running_mean"] = positive(rows, channels) - 1
+        state[f"model.{layer}.step_running_var"] = positive(rows, channels)
+    names = [n for n, _ in plain.named_parameters()]
+    for i, name in enumerate(names):
+        shape = (steps,) if mode == "per_layer_per_step" else state[f"model.{name}"].shape
+        state[f"step_sizes.{i}"] = positive(*shape) / 5
+    maml.load_state_dict(state)  # strict: no name missing or left over
+
+    def stats(row):
+        return {
+            f"{layer}.{kind}": state[f"model.{layer}.step_{kind}"][row]
+            for layer in norms
+            for kind in ("running_mean", "running_var")
+        }
+
+    def rate(i, step):
+        rates = state[f"step_sizes.{i}"]
+        return rates[step] if mode == "per_layer_per_step" else rates
+
+    plain.eval()  # BatchNorm with the statistics handed in
+    xs, ys, xq, yq = episode(make_input, tasks=tasks)
+    want = []
+    for t in range(tasks):
+        fast = {n: state[f"model.{n}"].clone().requires_grad_() for n in names}
+        for step in range(steps):
+            out = torch.func.functional_call(plain, {**fast, **stats(min(step, rows - 1))}, xs[t])
+            grads = torch.autograd.grad(F.cross_entropy(out, ys[t]), list(fast.values()))
+            fast = {n: fast[n] - rate(i, step) * g for i, (n, g) in enumerate(zip(names, grads))}
+        want.append(torch.func.functional_call(plain, {**fast, **stats(rows - 1)}, xq[t]))
+    maml.eval()
+    _, out = maml(xs, ys, xq, yq)
+    torch.testing.assert_close(out, torch.stack(want).detach(), rtol=1e-10, atol=1e-10)
+
+
 def test_dropout_draws_a_mask_per_task_in_the_batched_path():
     model = mm.MetaSequential(mm.MetaLinear(4, 64), nn.Dropout(0.5))
     params = {n: p.expand(3, *p.shape) for n, p in model.meta_named_parameters()}

@@ -15,9 +15,11 @@ from mamlext.modules.layers import (
 from mamlext.modules.metafy import metafy
 from mamlext.modules.module import MetaModule, task_batched, task_count
 from mamlext.modules.norm import (
+    BatchNormPolicy,
     MetaBatchNorm1d,
     MetaBatchNorm2d,
     MetaBatchNorm3d,
+    MetaBatchNormBase,
     MetaGroupNorm,
     MetaLayerNorm,
 )
@@ -25,8 +27,9 @@ from mamlext.modules.norm import (
 __all__ = [
     "MetaModule", "MetaSequential", "MetaModuleList", "MetaModuleDict", "MetaLinear",
     "MetaBilinear", "MetaConv1d", "MetaConv2d", "MetaConv3d", "MetaEmbedding",
-    "MetaBatchNorm1d", "MetaBatchNorm2d", "MetaBatchNorm3d", "MetaLayerNorm", "MetaGroupNorm",
-    "MetaMultiheadAttention", "batchable", "metafy", "task_batched", "task_count",
+    "MetaBatchNorm1d", "MetaBatchNorm2d", "MetaBatchNorm3d", "MetaBatchNormBase",
+    "BatchNormPolicy", "MetaLayerNorm", "MetaGroupNorm", "MetaMultiheadAttention", "batchable",
+    "metafy", "task_batched", "task_count",
 ]  # fmt: skip
 
 # Modules whose task-batched forward mamlext implements (exact types: a subclass may

@@ -7,8 +7,6 @@ the tasks ran one by one: no statistic crosses from one task to another.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -43,114 +41,41 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: 
 BN_POLICIES = ("transductive", "per_step", "running")
 
 
-@dataclasses.dataclass(frozen=True)
-class Position:
-    """Where in MAML a forward runs: inner step ``step`` on the support set, or the query."""
-
-    step: int = 0
-    query: bool = False
-
-
-_POSITION: contextvars.ContextVar[Position | None] = contextvars.ContextVar(
-    "mamlext_bn_position", default=None
-)
-_RECORDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "mamlext_bn_recorder", default=None
-)
-
-
-@contextlib.contextmanager
-def forward_position(position: Position) -> Iterator[None]:
-    """Tell BatchNorm layers (policy ``per_step``) which statistics the enclosed calls use."""
-    token = _POSITION.set(position)
-    try:
-        yield
-    finally:
-        _POSITION.reset(token)
-
-
-@contextlib.contextmanager
-def recording_batch_stats() -> Iterator[dict]:
-    """Collect the per-task batch statistics of the enclosed training-mode calls.
-
-    Yields a dict ``{(layer, row): [(mean [n, C], var [n, C]), ...]}`` for
-    :meth:`_MetaBatchNorm.commit_running_stats`.
-    """
-    records: dict = {}
-    token = _RECORDER.set(records)
-    try:
-        yield records
-    finally:
-        _RECORDER.reset(token)
-
-
-class _MetaBatchNorm(MetaModule):
-    """Shared forward of ``MetaBatchNorm1d/2d/3d``, with an explicit MAML policy.
+class MetaBatchNormBase(MetaModule):
+    """Shared forward of ``MetaBatchNorm1d/2d/3d``.
 
     In a task-batched call (input ``[T, N, C, *S]``) every task is normalised with its
-    own statistics. ``policy`` (set by :class:`mamlext.MAML`) decides the statistics:
-
-    ``None``
-        ``nn.BatchNorm``'s semantics (torchmeta's layer): batch statistics in training
-        mode, updating the running ones; running statistics in eval mode.
-    ``"transductive"`` (original MAML)
-        batch statistics always, in training and eval mode, inner and outer loop, meta-test
-        included; running statistics never touched.
-    ``"per_step"`` (MAML++)
-        one set of running statistics per inner step and one for the query set. Training
-        mode normalises with each task's batch statistics; after each meta-training step
-        MAML moves each set towards the mean over tasks of those statistics. Eval mode
-        normalises with the set of the current step (meta-test).
-    ``"running"``
-        as ``per_step`` with a single set: ordinary non-transductive evaluation.
+    own statistics. Which statistics (batch or running ones, and which set) is decided by
+    the :class:`BatchNormPolicy` the layer follows, ``bn_policy`` (attached by
+    :class:`mamlext.MAML`); without one, or with policy ``None``, the layer has
+    ``nn.BatchNorm``'s semantics (torchmeta's layer).
     """
 
-    policy: str | None = None
-
-    def set_policy(self, policy: str | None, num_steps: int = 1) -> None:
-        """Choose the statistics policy; ``per_step`` keeps ``num_steps + 1`` sets."""
-        if policy is not None and policy not in BN_POLICIES:
-            raise ValueError(
-                f"BatchNorm policy must be one of {BN_POLICIES} or None, got {policy!r}"
-            )
-        if policy in ("per_step", "running") and not self.track_running_stats:
-            raise ValueError(f"policy {policy!r} needs track_running_stats=True")
-        self.policy = policy
-        if policy in ("per_step", "running"):
-            rows = num_steps + 1 if policy == "per_step" else 1
-            mean = self.running_mean.detach().clone().expand(rows, -1).clone()
-            var = self.running_var.detach().clone().expand(rows, -1).clone()
-            self.register_buffer("step_running_mean", mean)
-            self.register_buffer("step_running_var", var)
-
-    def _row(self) -> int:
-        if self.policy != "per_step":
-            return 0
-        position = _POSITION.get() or Position(query=True)
-        rows = self.step_running_mean.shape[0]
-        # Steps beyond the trained ones (more steps at meta-test) reuse the last support set.
-        return rows - 1 if position.query else min(position.step, rows - 2)
+    bn_policy: BatchNormPolicy | None = None
 
     def forward(self, input: Tensor, params: Params | None = None) -> Tensor:
         weight, bias = self.meta_param(params, "weight"), self.meta_param(params, "bias")
+        policy = self.bn_policy
+        if policy is None or policy.name is None:
+            return self._torch_forward(input, weight, bias)
+        running = policy.running_statistics(self)
+        out = self._normalise(input, weight, bias, running)
+        if running is None:
+            policy.record(self, input if task_count() is not None else input.unsqueeze(0))
+        return out
+
+    def _normalise(
+        self,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        """Normalise with ``running = (mean, var)`` ``[C]``, or each task's batch statistics."""
+        mean, var = (None, None) if running is None else running
         num_tasks = task_count()
-        if self.policy is None:
-            use_batch_stats = self.training or not self.track_running_stats
-            mean, var = None, None
-            if not use_batch_stats:
-                mean, var = self.running_mean, self.running_var
-        elif self.policy == "transductive" or self.training:
-            use_batch_stats, mean, var = True, None, None
-        else:
-            use_batch_stats = False
-            mean, var = self.step_running_mean[self._row()], self.step_running_var[self._row()]
-
         if num_tasks is None:
-            if self.policy is None:
-                return self._torch_batch_norm(input, weight, bias)
-            self._record(input.detach().unsqueeze(0))
-            return F.batch_norm(input, mean, var, weight, bias, use_batch_stats, 0.0, self.eps)
-
+            return F.batch_norm(input, mean, var, weight, bias, running is None, 0.0, self.eps)
         check_task_input(input, num_tasks, self, min_dim=3)
         weight = per_task(weight, self.weight, num_tasks)
         bias = per_task(bias, self.bias, num_tasks)
@@ -158,16 +83,21 @@ class _MetaBatchNorm(MetaModule):
         x = input.transpose(0, 1).flatten(1, 2)
         flat_w = None if weight is None else weight.flatten()
         flat_b = None if bias is None else bias.flatten()
-        if use_batch_stats:
-            out = F.batch_norm(x, None, None, flat_w, flat_b, True, 0.0, self.eps)
-            if self.policy is None and self.training and self.track_running_stats:
-                self._torch_update(*_task_stats(input.detach()))
-            elif self.policy is not None:
-                self._record(input.detach())
-        else:
+        if running is not None:
             mean, var = mean.repeat(num_tasks), var.repeat(num_tasks)
-            out = F.batch_norm(x, mean, var, flat_w, flat_b, False, 0.0, self.eps)
+        out = F.batch_norm(x, mean, var, flat_w, flat_b, running is None, 0.0, self.eps)
         return out.unflatten(1, (num_tasks, -1)).transpose(0, 1)
+
+    def _torch_forward(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """``nn.BatchNorm``'s semantics; task-batched, the update uses the mean over tasks."""
+        if task_count() is None:
+            return self._torch_batch_norm(input, weight, bias)
+        use_running = not self.training and self.track_running_stats
+        running = (self.running_mean, self.running_var) if use_running else None
+        out = self._normalise(input, weight, bias, running)
+        if self.training and self.track_running_stats:
+            self._torch_update(*_task_stats(input.detach()))
+        return out
 
     def _torch_batch_norm(self, input, weight, bias):
         """``nn.BatchNorm``'s forward with the given affine parameters."""
@@ -193,26 +123,202 @@ class _MetaBatchNorm(MetaModule):
         self.running_mean.lerp_(mean.mean(0), momentum)
         self.running_var.lerp_(var.mean(0), momentum)
 
-    def _record(self, input: Tensor) -> None:
-        records = _RECORDER.get()
-        if records is not None and self.training and self.policy in ("per_step", "running"):
-            records.setdefault((self, self._row()), []).append(_task_stats(input))
+
+class BatchNormPolicy:
+    """Which statistics the Meta BatchNorm layers of a model use in MAML: their one owner.
+
+    Policies (``name``):
+
+    ``None``
+        ``nn.BatchNorm``'s semantics (torchmeta's layer): batch statistics in training
+        mode, updating the running ones; running statistics in eval mode.
+    ``"transductive"`` (original MAML)
+        batch statistics always, in training and eval mode, inner and outer loop, meta-test
+        included; running statistics never touched.
+    ``"per_step"`` (MAML++)
+        one set of running statistics per inner step and one for the query set. Training
+        mode normalises with each task's batch statistics; after each meta-training step
+        (:meth:`meta_batch`) each set moves one ``momentum`` step towards the mean over
+        tasks of those statistics. Eval mode normalises with the set of the current step.
+    ``"running"``
+        as ``per_step`` with a single set: ordinary non-transductive evaluation.
+
+    The sets live in each layer's buffers ``step_running_mean`` and ``step_running_var``,
+    ``[rows, C]`` (:attr:`rows`, :meth:`statistics`); the layers keep them, the policy
+    decides when they are read and updated. :class:`mamlext.MAML` holds one as
+    ``maml.bn_policy``.
+
+    Args:
+        model: the model whose BatchNorm layers follow the policy. A plain
+            ``nn.BatchNorm`` (whose statistics this cannot manage) is allowed only with
+            ``name=None``.
+        name: the policy, one of ``BN_POLICIES`` or ``None``.
+        num_steps: inner steps of meta-training (``per_step`` keeps ``num_steps + 1`` sets).
+    """
+
+    def __init__(
+        self, model: nn.Module, name: str | None = "transductive", num_steps: int = 1
+    ) -> None:
+        self.model = model
+        self.num_steps = num_steps
+        self._name: str | None = None
+        self._step: int | None = None  # inner step of the forwards in progress; None: query
+        self._records: dict | None = None  # {layer: {row: [(mean [n, C], var [n, C])]}}
+        self.set(name)
+
+    @property
+    def name(self) -> str | None:
+        """The policy: one of ``BN_POLICIES``, or ``None``; change it with :meth:`set`."""
+        return self._name
+
+    @property
+    def rows(self) -> int:
+        """Sets of running statistics per layer: ``num_steps + 1``, 1 (``running``) or 0."""
+        return {"per_step": self.num_steps + 1, "running": 1}.get(self._name, 0)
+
+    def set(self, name: str | None) -> None:
+        """Make every Meta BatchNorm layer of the model follow policy ``name``.
+
+        ``per_step`` and ``running`` start their sets from the layers' ``running_mean`` and
+        ``running_var``; other policies leave the layers' buffers as they are.
+        """
+        if name is not None and name not in BN_POLICIES:
+            raise ValueError(f"bn must be one of {BN_POLICIES} or None, got {name!r}")
+        trains = name in ("per_step", "running")
+        layers = []
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, MetaBatchNormBase):
+                if trains and not module.track_running_stats:
+                    raise ValueError(
+                        f"BatchNorm {module_name!r}: policy {name!r} needs track_running_stats=True"
+                    )
+                layers.append(module)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and name is not None:
+                raise ValueError(
+                    f"{module_name!r} is a {type(module).__name__}, whose statistics mamlext "
+                    "cannot manage: use mamlext's MetaBatchNorm (mamlext.modules.metafy converts "
+                    "a model), or pass bn=None to keep its own nn.BatchNorm behaviour"
+                )
+        self._name = name
+        for layer in layers:
+            layer.bn_policy = self
+            if trains:
+                for stat in ("mean", "var"):
+                    own = getattr(layer, f"running_{stat}").detach()
+                    layer.register_buffer(
+                        f"step_running_{stat}", own.clone().expand(self.rows, -1).clone()
+                    )
+
+    def layers(self) -> list[MetaBatchNormBase]:
+        """The model's Meta BatchNorm layers that follow this policy."""
+        return [
+            m
+            for m in self.model.modules()
+            if isinstance(m, MetaBatchNormBase) and m.bn_policy is self
+        ]
+
+    def statistics(self) -> list[Tensor]:
+        """The running statistics this policy trains, ``[rows, C]`` each.
+
+        ``step_running_mean`` and ``step_running_var`` of every layer (``per_step``,
+        ``running``; none otherwise): what distributed training averages over processes.
+        """
+        if not self.rows:
+            return []
+        return [t for m in self.layers() for t in (m.step_running_mean, m.step_running_var)]
+
+    def trains_statistics(self, training: bool) -> bool:
+        """Whether a meta-batch in this mode (MAML's ``training``) updates running statistics."""
+        return training and self._name in ("per_step", "running")
+
+    def check_modes(self, training: bool) -> None:
+        """Raise if a BatchNorm would normalise with never-trained statistics at meta-training."""
+        if not training or self._name == "transductive":
+            return
+        for name, module in self.model.named_modules():
+            untrained_eval_bn = (
+                isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and not module.training
+                and module.track_running_stats
+                and int(module.num_batches_tracked) == 0
+            )
+            if untrained_eval_bn:
+                raise ValueError(
+                    f"BatchNorm {name!r} is in eval mode during meta-training, with running "
+                    "statistics that were never trained: it would normalise with mean 0 and "
+                    "variance 1. Call maml.train() for meta-training (BatchNorm then uses batch "
+                    "statistics), or use bn='transductive'"
+                )
+
+    @contextlib.contextmanager
+    def at_step(self, step: int) -> Iterator[None]:
+        """The enclosed forwards are inner step ``step`` on the support sets."""
+        outer, self._step = self._step, step
+        try:
+            yield
+        finally:
+            self._step = outer
+
+    @contextlib.contextmanager
+    def at_query(self) -> Iterator[None]:
+        """The enclosed forwards are on the query sets (also the default outside MAML)."""
+        outer, self._step = self._step, None
+        try:
+            yield
+        finally:
+            self._step = outer
+
+    @contextlib.contextmanager
+    def meta_batch(self, training: bool) -> Iterator[None]:
+        """Record each task's batch statistics in the enclosed forwards; commit them once after.
+
+        Only when :meth:`trains_statistics`; a meta-batch that raises commits nothing.
+        """
+        if not self.trains_statistics(training):
+            yield
+            return
+        outer, self._records = self._records, {}
+        try:
+            yield
+            records = self._records
+        finally:
+            self._records = outer
+        self._commit(records)
+
+    def running_statistics(self, layer: MetaBatchNormBase) -> tuple[Tensor, Tensor] | None:
+        """``(mean, var)`` ``[C]`` that ``layer`` normalises with now; ``None``: batch statistics."""
+        if self._name == "transductive" or layer.training:
+            return None
+        row = self._row()
+        return layer.step_running_mean[row], layer.step_running_var[row]
+
+    def record(self, layer: MetaBatchNormBase, input: Tensor) -> None:
+        """Keep the per-task statistics of ``layer``'s input ``[T, N, C, *S]`` for the commit."""
+        if self._records is not None and layer.training:
+            rows = self._records.setdefault(layer, {})
+            rows.setdefault(self._row(), []).append(_task_stats(input.detach()))
+
+    def _row(self) -> int:
+        if self._name != "per_step":
+            return 0
+        # Steps beyond the trained ones (more steps at meta-test) reuse the last support set.
+        return self.rows - 1 if self._step is None else min(self._step, self.rows - 2)
 
     @torch.no_grad()
-    def commit_running_stats(self, records: dict) -> None:
+    def _commit(self, records: dict) -> None:
         """Move each recorded set one momentum step towards its mean over tasks.
 
         ``momentum=None``: a cumulative average over meta-batches, as ``nn.BatchNorm``'s.
         """
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        for (layer, row), stats in records.items():
-            if layer is not self:
-                continue
-            mean = torch.cat([m for m, _ in stats]).mean(0)
-            var = torch.cat([v for _, v in stats]).mean(0)
-            self.step_running_mean[row].lerp_(mean, momentum)
-            self.step_running_var[row].lerp_(var, momentum)
+        for layer, rows in records.items():
+            layer.num_batches_tracked.add_(1)
+            tracked = float(layer.num_batches_tracked)
+            momentum = 1.0 / tracked if layer.momentum is None else layer.momentum
+            for row, stats in rows.items():
+                mean = torch.cat([m for m, _ in stats]).mean(0)
+                var = torch.cat([v for _, v in stats]).mean(0)
+                layer.step_running_mean[row].lerp_(mean, momentum)
+                layer.step_running_var[row].lerp_(var, momentum)
 
 
 def _task_stats(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,19 +330,19 @@ def _task_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-class MetaBatchNorm1d(nn.BatchNorm1d, _MetaBatchNorm):
+class MetaBatchNorm1d(nn.BatchNorm1d, MetaBatchNormBase):
     __doc__ = nn.BatchNorm1d.__doc__
-    forward = _MetaBatchNorm.forward
+    forward = MetaBatchNormBase.forward
 
 
-class MetaBatchNorm2d(nn.BatchNorm2d, _MetaBatchNorm):
+class MetaBatchNorm2d(nn.BatchNorm2d, MetaBatchNormBase):
     __doc__ = nn.BatchNorm2d.__doc__
-    forward = _MetaBatchNorm.forward
+    forward = MetaBatchNormBase.forward
 
 
-class MetaBatchNorm3d(nn.BatchNorm3d, _MetaBatchNorm):
+class MetaBatchNorm3d(nn.BatchNorm3d, MetaBatchNormBase):
     __doc__ = nn.BatchNorm3d.__doc__
-    forward = _MetaBatchNorm.forward
+    forward = MetaBatchNormBase.forward
 
 
 class MetaLayerNorm(nn.LayerNorm, MetaModule):
