@@ -19,8 +19,11 @@ struct Segment {
   int64_t begin;  // offset of this tensor in the concatenated index range
 };
 
+// The loops, inlined into one function per instruction set below (the compiler
+// vectorises them for each).
 template <typename scalar_t>
-void update_range(const Segment& s, int64_t lo, int64_t hi) {
+inline __attribute__((always_inline)) void update_range_impl(
+    const Segment& s, int64_t lo, int64_t hi) {
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* __restrict__ out = s.out.data_ptr<scalar_t>();
   const scalar_t* __restrict__ p = s.p.const_data_ptr<scalar_t>();
@@ -56,6 +59,39 @@ void update_range(const Segment& s, int64_t lo, int64_t hi) {
     }
     j = stop;
   }
+}
+
+template <typename scalar_t>
+void update_range_baseline(const Segment& s, int64_t lo, int64_t hi) {
+  update_range_impl<scalar_t>(s, lo, hi);
+}
+
+// The extension is built without -march flags (a JIT or wheel build must run on any CPU of
+// its architecture), which leaves x86-64 at SSE2: half the vector width of ATen's own
+// AVX2 kernels, measured ~1.8x slower than torch._foreach_add on a cache-resident list.
+// So x86-64 gets an AVX2+FMA copy of the loops, chosen at run time.
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void update_range_avx2(
+    const Segment& s, int64_t lo, int64_t hi) {
+  update_range_impl<scalar_t>(s, lo, hi);
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename scalar_t>
+void update_range(const Segment& s, int64_t lo, int64_t hi) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (cpu_has_avx2_fma()) {
+    update_range_avx2<scalar_t>(s, lo, hi);
+    return;
+  }
+#endif
+  update_range_baseline<scalar_t>(s, lo, hi);
 }
 
 std::vector<at::Tensor> fused_sgd_cpu(
