@@ -9,9 +9,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
+#include <memory>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace mamlext {
@@ -33,50 +38,32 @@ inline std::vector<at::Tensor> fused_sgd_below_autograd(
   return op.call(params, grads, lrs, lr_scalars);
 }
 
-class FusedSgdFunction : public torch::autograd::Function<FusedSgdFunction> {
- public:
-  // `rates` repeats the lr tensors present in `lrs`, in order, so that autograd sees them
-  // (it does not look inside a Tensor?[]).
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx,
-      at::TensorList params,
-      at::TensorList grads,
-      at::TensorList rates,
-      const c10::List<std::optional<at::Tensor>>& lrs,
-      at::ArrayRef<double> lr_scalars) {
-    c10::List<bool> present;
-    bool rate_needs_grad = false;
-    for (size_t i = 0; i < lrs.size(); ++i) {
-      present.push_back(lrs.get(i).has_value());
-    }
-    for (const at::Tensor& rate : rates) {
-      rate_needs_grad = rate_needs_grad || rate.requires_grad();
-    }
-    ctx->saved_data["lr_present"] = present;
-    ctx->saved_data["lr_scalars"] = std::vector<double>(lr_scalars.begin(), lr_scalars.end());
-    // The rates give the grads' gradient; the grads only the rates' gradient.
-    std::vector<at::Tensor> saved(rates.begin(), rates.end());
-    if (rate_needs_grad) {
-      saved.insert(saved.end(), grads.begin(), grads.end());
-    }
-    ctx->save_for_backward(saved);
-    return fused_sgd_below_autograd(params, grads, lrs, lr_scalars);
+// The backward node, written by hand as torch's generated nodes are: torch::autograd::
+// Function<T> keeps generic bookkeeping for every input and output (36 inputs and 18
+// outputs for a Conv-4) that measured ~15 us per call.
+struct FusedSgdBackward final : torch::autograd::Node {
+  // Edges: params[0..n), grads[0..n), then the present rates.
+  std::vector<torch::autograd::SavedVariable> rates;  // the lr tensors present, in order
+  std::vector<torch::autograd::SavedVariable> grads;  // saved only if some rate needs grad
+  std::vector<bool> present;                          // lrs[i] is a tensor
+  std::vector<double> scalars;                        // lr_scalars
+
+  std::string name() const override {
+    return "FusedSgdBackward";
   }
 
-  static torch::autograd::variable_list backward(
-      torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad_outs) {
-    const std::vector<at::Tensor> saved = ctx->get_saved_variables();
-    const c10::List<bool> present = ctx->saved_data["lr_present"].toBoolList();
-    const std::vector<double> scalars = ctx->saved_data["lr_scalars"].toDoubleVector();
-    const size_t n = grad_outs.size();
-    size_t num_rates = 0;
+  void release_variables() override {
+    rates.clear();
+    grads.clear();
+  }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_outs) override {
+    const size_t n = present.size();
+    torch::autograd::variable_list result(2 * n + rates.size());
     for (size_t i = 0; i < n; ++i) {
-      num_rates += present.get(i) ? 1 : 0;
-    }
-    // One gradient per forward input: params, grads, rates, then lrs and lr_scalars (none).
-    torch::autograd::variable_list result(2 * n + num_rates + 2);
-    for (size_t i = 0; i < n; ++i) {
-      result[i] = grad_outs[i];
+      if (task_should_compute_output(i)) {
+        result[i] = grad_outs[i];
+      }
     }
     // d/dg = -lr * go and d/dlr = -(g * go) summed over the dims lr is broadcast along;
     // d/dg = -scalar * go for the scalar rates in one foreach call after the loop.
@@ -84,25 +71,25 @@ class FusedSgdFunction : public torch::autograd::Function<FusedSgdFunction> {
     std::vector<at::Scalar> neg_scalars;
     std::vector<size_t> scalar_index;
     size_t rate = 0;  // index of entry i's rate among the present ones
-    for (size_t i = 0; i < n; rate += present.get(i) ? 1 : 0, ++i) {
+    for (size_t i = 0; i < n; rate += present[i] ? 1 : 0, ++i) {
       const at::Tensor& go = grad_outs[i];
       if (!go.defined()) {
         continue;
       }
-      if (!present.get(i)) {
-        if (ctx->needs_input_grad(n + i)) {
+      if (!present[i]) {
+        if (task_should_compute_output(n + i)) {
           scalar_outs.push_back(go);
           neg_scalars.emplace_back(-scalars[i]);
           scalar_index.push_back(i);
         }
         continue;
       }
-      const at::Tensor& lr = saved[rate];
-      if (ctx->needs_input_grad(n + i)) {
+      const at::Tensor lr = rates[rate].unpack();
+      if (task_should_compute_output(n + i)) {
         result[n + i] = -(lr * go);
       }
-      if (ctx->needs_input_grad(2 * n + rate)) {  // then the grads were saved
-        result[2 * n + rate] = -(saved[num_rates + i] * go).sum_to_size(lr.sizes());
+      if (task_should_compute_output(2 * n + rate)) {  // then the grads were saved
+        result[2 * n + rate] = -(grads[i].unpack() * go).sum_to_size(lr.sizes());
       }
     }
     if (!scalar_outs.empty()) {
@@ -115,14 +102,25 @@ class FusedSgdFunction : public torch::autograd::Function<FusedSgdFunction> {
   }
 };
 
+// Nodes are held by c10::intrusive_ptr since torch 2.13 and by std::shared_ptr before.
+template <typename NodeT, typename Ptr = decltype(torch::autograd::Edge::function)>
+Ptr make_node() {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<NodeT>(new NodeT());
+  } else {
+    return c10::make_intrusive<NodeT>();
+  }
+}
+
 // The AutogradCPU / AutogradCUDA kernel.
 inline std::vector<at::Tensor> fused_sgd_autograd(
     at::TensorList params,
     at::TensorList grads,
     const c10::List<std::optional<at::Tensor>>& lrs,
     at::ArrayRef<double> lr_scalars) {
+  std::vector<at::Tensor> outs = fused_sgd_below_autograd(params, grads, lrs, lr_scalars);
   if (!at::GradMode::is_enabled()) {
-    return fused_sgd_below_autograd(params, grads, lrs, lr_scalars);
+    return outs;
   }
   std::vector<at::Tensor> rates;
   for (size_t i = 0; i < lrs.size(); ++i) {
@@ -131,7 +129,30 @@ inline std::vector<at::Tensor> fused_sgd_autograd(
       rates.push_back(*lr);
     }
   }
-  return FusedSgdFunction::apply(params, grads, at::TensorList(rates), lrs, lr_scalars);
+  if (!torch::autograd::compute_requires_grad(params, grads, at::TensorList(rates))) {
+    return outs;
+  }
+  auto node = make_node<FusedSgdBackward>();
+  auto& backward = static_cast<FusedSgdBackward&>(*node);
+  node->set_next_edges(
+      torch::autograd::collect_next_edges(params, grads, at::TensorList(rates)));
+  bool rate_needs_grad = false;
+  for (const at::Tensor& rate : rates) {
+    backward.rates.emplace_back(rate, /*is_output=*/false);
+    rate_needs_grad = rate_needs_grad || rate.requires_grad();
+  }
+  if (rate_needs_grad) {
+    for (const at::Tensor& grad : grads) {
+      backward.grads.emplace_back(grad, /*is_output=*/false);
+    }
+  }
+  backward.present.reserve(lrs.size());
+  for (size_t i = 0; i < lrs.size(); ++i) {
+    backward.present.push_back(lrs.get(i).has_value());
+  }
+  backward.scalars.assign(lr_scalars.begin(), lr_scalars.end());
+  torch::autograd::set_history(outs, node);
+  return outs;
 }
 
 }  // namespace mamlext
