@@ -79,6 +79,9 @@ def test_reference_path_with_native_disabled():
         lr = torch.rand(2, 1, dtype=torch.float64, requires_grad=True)
         f = lambda p, g, lr: tuple(mamlext.fused_sgd([p], [g], [lr]))
         assert gradcheck(f, x[:2] + [lr]) and gradgradcheck(f, x[:2] + [lr])
+        # A float rate beside a learned one (the Python rule alone cannot route that).
+        mixed = lambda p, g, q, lr: tuple(mamlext.fused_sgd([p, q], [g, g], [0.3, lr]))
+        assert gradcheck(mixed, x + [lr]) and gradgradcheck(mixed, x + [lr])
         import mamlext.ops._native as native
         assert native._status["cpu"].library is None
         """

@@ -362,8 +362,10 @@ def fused_sgd(
             lrs, lr_scalars = [None] * n, [lr] * n
         else:
             lrs, lr_scalars = _normalize_lr(lr, params)
-        ensure_loaded(params[0].device.type)
-        if _transforms_active():
+        # The C++ autograd rule serves where a native kernel does; elsewhere, and under
+        # torch.func or forward-mode AD, _FusedSGD (the Python rule cannot route
+        # gradients into lrs that hold a None).
+        if ensure_loaded(params[0].device.type).kernel != "native" or _transforms_active():
             present = tuple(lr is not None for lr in lrs)
             tensors = [*params, *grads, *[lr for lr in lrs if lr is not None]]
             return list(_FusedSGD.apply(tuple(lr_scalars), present, *tensors))
