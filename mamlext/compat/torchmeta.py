@@ -122,11 +122,12 @@ def use_fused_update() -> None:
     ``torchmeta.utils.gradient_based``, ``torchmeta.utils``, and each module loaded so far
     that did ``from torchmeta.utils import gradient_update_parameters`` (aliases included);
     modules imported later find the fused one in torchmeta. Results equal torchmeta's to
-    the bit. A reference held elsewhere (a class attribute, a default argument) keeps
+    the bit where the native kernel serves (the pure-PyTorch fallback may differ in the
+    last bit). A reference held elsewhere (a class attribute, a default argument) keeps
     torchmeta's, so call this before importing the code that uses it. Idempotent.
 
     Raises:
-        ImportError: torchmeta is not installed or does not import.
+        ImportError: torchmeta is not installed (or the error its import raises).
     """
     from torchmeta.utils import gradient_based
 
@@ -153,13 +154,15 @@ def seed_from_torch() -> None:
     before building the data sets; idempotent.
 
     Raises:
-        ImportError: torchmeta is not installed or does not import.
+        ImportError: torchmeta is not installed (or the error its import raises).
     """
     for module, cls_name, method in _SEEDED_METHODS:
         cls = getattr(importlib.import_module(module), cls_name)
         current = vars(cls)[method]
         if not _ours(current):
-            setattr(cls, method, _seed_none_from_torch(current) if method == "seed" else _sample)
+            setattr(
+                cls, method, _seed_none_from_torch(current) if method == "seed" else _sample_tasks
+            )
 
 
 def _draw_seed() -> int:
@@ -174,7 +177,7 @@ def _seed_none_from_torch(seed_method: Callable[..., None]) -> Callable[..., Non
     return seed
 
 
-def _sample(self: Any) -> Iterator[tuple[int, ...]]:
+def _sample_tasks(self: Any) -> Iterator[tuple[int, ...]]:
     """``CombinationRandomSampler.__iter__`` with a ``random.Random`` seeded from torch.
 
     Like torchmeta's: one task per combination of classes, each of
