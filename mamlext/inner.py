@@ -14,6 +14,18 @@ from mamlext.ops import LearningRate, fused_sgd
 StepSize = float | Tensor | Mapping[str, float | Tensor]
 
 
+class InnerGradientError(RuntimeError, ValueError):
+    """The inner-loop loss cannot be differentiated with respect to the adapted parameters.
+
+    A ``RuntimeError``, as ``torch.autograd.grad`` (and so torchmeta's
+    ``gradient_update_parameters``) raises there, and a ``ValueError``, as mamlext raised.
+    """
+
+
+class UnusedParameterError(InnerGradientError):
+    """The inner-loop loss does not depend on some of the adapted parameters."""
+
+
 def inner_gradients(
     loss: Tensor,
     params: Mapping[str, Tensor],
@@ -23,11 +35,12 @@ def inner_gradients(
     """``d loss / d params``, keeping the graph for second order unless ``first_order``.
 
     Raises:
-        ValueError: the loss has no graph (e.g. computed under ``torch.no_grad()``), or
-            does not depend on some parameter and ``allow_unused`` is false.
+        InnerGradientError: the loss has no graph (e.g. computed under ``torch.no_grad()``).
+        UnusedParameterError: the loss does not depend on some parameter and
+            ``allow_unused`` is false.
     """
     if not loss.requires_grad:
-        raise ValueError(
+        raise InnerGradientError(
             "the inner-loop loss has no graph to the parameters: was it computed under "
             "torch.no_grad() or from detached parameters? (.eval() does not stop gradients; "
             "torch.no_grad() does)"
@@ -36,9 +49,11 @@ def inner_gradients(
     grads = torch.autograd.grad(loss, tensors, create_graph=not first_order, allow_unused=True)
     unused = [name for name, g in zip(names, grads) if g is None]
     if unused and not allow_unused:
-        raise ValueError(
-            f"the inner-loop loss does not depend on {unused}; adapt only the parameters the "
-            "loss uses, or pass allow_unused=True to leave those unchanged"
+        raise UnusedParameterError(
+            f"the inner-loop loss does not depend on {unused}; adapt only the parameters it "
+            "uses: pass gradient_update_parameters a params= dict without these and merge "
+            "its result into the full parameter dict for the next forward (in mamlext.MAML: "
+            "adapt_params=, or allow_unused=True to leave them unchanged)"
         )
     return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
 
@@ -64,6 +79,10 @@ def gradient_update_parameters(
 
     Returns:
         The updated parameters, by name, in ``params``' order.
+
+    Raises:
+        InnerGradientError: the loss has no graph to ``params``.
+        UnusedParameterError: the loss does not depend on some of ``params``.
     """
     if not hasattr(model, "meta_named_parameters"):  # mamlext's or torchmeta's MetaModule
         raise TypeError(f"model must be a MetaModule, got {type(model).__name__}")

@@ -48,6 +48,14 @@ def test_torchmeta_imports_only_after_the_compat_module():
         import mamlext.compat.torchmeta
         importlib.reload(compat)  # idempotent: finds its shims in place
         assert repr(compat.status()) == repr(first), (compat.status(), first)
+
+        import platform, torch, mamlext
+        line = str(first)  # for a bug report
+        assert len(line.splitlines()) == 1, line
+        assert line.startswith("mamlext.compat.torchmeta: torchmeta 1.8.0; torchvision "), line
+        for part in (first.torchvision, *first.patches, f"mamlext {mamlext.__version__}",
+                     f"torch {torch.__version__}", f"Python {platform.python_version()}"):
+            assert part in line, (part, line)
         """
     )
     plain = run_python("import torchmeta")
@@ -268,6 +276,34 @@ def test_torchvision_whose_import_raises_is_replaced_by_the_stand_in(tmp_path):
         reason = "RuntimeError: operator torchvision::nms does not exist"
         assert compat.status().torchvision == f"stand-in ({reason})", compat.status()
         assert "torchvision.extension" not in sys.modules  # the half-imported one is gone
+
+        # What the stand-in lacks: the error names it, the missing name, and the reason.
+        def message(statement, error_type):
+            try:
+                exec(statement, {})
+            except error_type as error:
+                return str(error)
+            raise AssertionError(f"{statement} did not raise {error_type.__name__}")
+
+        for statement, error_type, missing in (
+            ("from torchvision.transforms import Normalize", ImportError,
+             "torchvision.transforms.Normalize"),
+            ("from torchvision.transforms.functional import normalize", ImportError,
+             "torchvision.transforms.functional.normalize"),
+            ("from torchvision import models", ImportError, "torchvision.models"),
+            ("import torchvision.models", ImportError, "torchvision.models"),
+            ("import torchvision; torchvision.__version__", AttributeError,
+             "torchvision.__version__"),
+            ("import torchvision.transforms as T; T.Normalize", AttributeError,
+             "torchvision.transforms.Normalize"),
+        ):
+            text = message(statement, error_type)
+            for part in ("mamlext's torchvision stand-in", f"has no {missing}:",
+                         "the real torchvision is not importable here", reason):
+                assert part in text, (statement, part, text)
+        import torchvision.transforms as T
+        assert not hasattr(T, "Normalize") and getattr(T, "Normalize", None) is None
+        from torchvision.transforms import Compose, ToTensor  # what torchmeta needs, still there
         """,
         env,
     )
@@ -308,3 +344,201 @@ print("OK")
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("OK")
+
+
+def write_user_modules(root: Path) -> dict[str, str]:
+    """Library modules that import torchmeta's function by name, as pytorch-maml's do."""
+    return write_package(
+        root,
+        {
+            "early_user.py": """
+                from torchmeta.utils import gradient_update_parameters
+                from torchmeta.utils.gradient_based import gradient_update_parameters as gup
+                """,
+            "late_user.py": "from torchmeta.utils import gradient_update_parameters\n",
+        },
+    )
+
+
+@needs_torchmeta
+def test_fused_update_rebinds_every_name_of_torchmeta_s_function(tmp_path):
+    run_ok(
+        """
+        import importlib
+        import mamlext.compat.torchmeta as compat
+        import early_user  # bound torchmeta's function before the patch
+        import torchmeta.utils.gradient_based
+
+        originals = [torchmeta.utils.gradient_based.gradient_update_parameters]
+        assert originals[0].__module__ == "torchmeta.utils.gradient_based"
+        assert compat.status().patches[-1].startswith("mamlext.modules"), compat.status()
+
+        import mamlext.compat.torchmeta_fused
+        import late_user
+        import mamlext
+        import torchmeta.utils
+
+        fused = mamlext.gradient_update_parameters
+        for holder, name in (
+            (torchmeta.utils.gradient_based, "gradient_update_parameters"),
+            (torchmeta.utils, "gradient_update_parameters"),
+            (early_user, "gradient_update_parameters"),
+            (early_user, "gup"),
+            (late_user, "gradient_update_parameters"),
+        ):
+            assert getattr(holder, name) is fused, (holder, name)
+        assert originals[0] is not fused  # a list entry is no module-level name
+
+        importlib.reload(mamlext.compat.torchmeta_fused)  # idempotent
+        compat.use_fused_update()
+        assert torchmeta.utils.gradient_update_parameters is fused
+        patch = "torchmeta's gradient_update_parameters = mamlext.gradient_update_parameters"
+        assert compat.status().patches.count(patch) == 1, compat.status()
+        """,
+        write_user_modules(tmp_path),
+    )
+
+
+@needs_torchmeta
+def test_fused_update_equals_torchmeta_s_own_to_the_bit():
+    """Losses, adapted parameters and meta-gradients (to the weights and to learned step
+    sizes) through torchmeta's name after the patch equal torchmeta's function's: to the
+    bit where the native kernel serves, as torchmeta's two roundings (``step * g``, then
+    ``p - that``); the pure-PyTorch fallback's ``torch.add(p, g, alpha=-step)`` rounds once."""
+    run_ok(
+        """
+        import mamlext, mamlext.compat.torchmeta as compat
+        import torch, torch.nn.functional as F
+        from torch import nn
+        from torchmeta.modules import MetaBatchNorm2d, MetaConv2d, MetaLinear, MetaSequential
+        import torchmeta.utils
+
+        originals = [torchmeta.utils.gradient_update_parameters]
+        compat.use_fused_update()
+        patched = torchmeta.utils.gradient_update_parameters
+        assert patched is not originals[0]
+
+        def model():
+            torch.manual_seed(0)
+            return MetaSequential(
+                MetaConv2d(1, 4, 3, padding=1),
+                MetaBatchNorm2d(4, momentum=1.0, track_running_stats=False),
+                nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), MetaLinear(4 * 4 * 4, 3))
+
+        def episode(update, dtype, first_order, step):
+            torch.manual_seed(1)
+            net = model().to(dtype)
+            xs, ys = torch.randn(6, 1, 8, 8, dtype=dtype), torch.arange(6) % 3
+            xq, yq = torch.randn(9, 1, 8, 8, dtype=dtype), torch.arange(9) % 3
+            names = [name for name, _ in net.meta_named_parameters()]
+            step_size = step if step == 0.4 else {  # a float and a per-element tensor
+                name: 0.1 * (i + 1) if i % 2 else
+                torch.full_like(p, 0.3, requires_grad=True)
+                for i, (name, p) in enumerate(net.meta_named_parameters())}
+            params, losses = None, []
+            for _ in range(2):
+                losses.append(F.cross_entropy(net(xs, params=params), ys))
+                params = update(net, losses[-1], params=params, step_size=step_size,
+                                first_order=first_order)
+            query = F.cross_entropy(net(xq, params=params), yq)
+            rates = [] if step == 0.4 else [r for r in step_size.values() if torch.is_tensor(r)]
+            grads = torch.autograd.grad(query, [*net.parameters(), *rates])
+            assert list(params) == names
+            return [*losses, query, *params.values(), *grads]
+
+        exact = mamlext.backend_info()["cpu"].kernel == "native"
+        for case in [(d, f, s) for d in (torch.float32, torch.float64)
+                     for f in (False, True) for s in (0.4, "dict")]:
+            ours, theirs = episode(patched, *case), episode(originals[0], *case)
+            assert len(ours) == len(theirs)
+            for a, b in zip(ours, theirs):
+                assert a.dtype == b.dtype == case[0]
+                if exact:
+                    assert torch.equal(a, b), (case, (a - b).abs().max())
+                else:
+                    tol = 1e-12 if case[0] == torch.float64 else 1e-5
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=str(case))
+        """
+    )
+
+
+@needs_torchmeta
+def test_errors_are_the_ones_torchmeta_s_callers_catch():
+    run_ok(
+        """
+        import mamlext.compat.torchmeta as compat
+        import torch
+        from torchmeta.modules import MetaLinear, MetaSequential
+        import torchmeta.utils
+
+        functions = {"torchmeta": torchmeta.utils.gradient_update_parameters}
+        compat.use_fused_update()
+        functions["fused"] = torchmeta.utils.gradient_update_parameters
+
+        model = MetaSequential(MetaLinear(3, 2), MetaLinear(2, 1))
+        x = torch.randn(4, 3)
+        unused = model[0](x).sum()  # the second layer is not used
+        with torch.no_grad():
+            no_graph = model(x).sum()
+        for loss in (unused, no_graph):
+            for name, update in functions.items():
+                try:
+                    update(model, loss)
+                except RuntimeError as error:  # what autograd raised inside torchmeta's
+                    assert isinstance(error, ValueError) == (name == "fused"), (name, error)
+                else:
+                    raise AssertionError(f"{name} raised nothing")
+        """
+    )
+
+
+SEEDED_HELPERS = {
+    "sinusoid": """
+        from torchmeta.toy.helpers import sinusoid
+        def make():
+            return sinusoid(shots=3, test_shots=2)
+        """,
+    "omniglot": """
+        import os
+        from torchmeta.datasets.helpers import omniglot
+        def make():
+            return omniglot(os.environ["ROOT"], ways=3, shots=1, test_shots=2, meta_train=True)
+        """,
+}
+
+
+@needs_torchmeta
+@pytest.mark.parametrize("helper", list(SEEDED_HELPERS))
+def test_seed_from_torch_makes_two_runs_repeat(helper):
+    root = OMNIGLOT / "torchmeta"
+    if helper == "omniglot" and not (root / "omniglot" / "data.hdf5").exists():
+        pytest.skip(f"no torchmeta Omniglot copy at {root}")
+    run_ok(
+        "import mamlext.compat.torchmeta as compat\n"
+        + textwrap.dedent(SEEDED_HELPERS[helper])
+        + textwrap.dedent(
+            """
+            import torch
+            from torchmeta.utils.data import BatchMetaDataLoader
+
+            def run():
+                torch.manual_seed(0)
+                batches, tensors = iter(BatchMetaDataLoader(make(), batch_size=2)), []
+                for _ in range(2):
+                    batch = next(batches)
+                    tensors += [*batch["train"], *batch["test"]]
+                return tensors
+
+            def same(a, b):
+                return all(torch.equal(x, y) for x, y in zip(a, b))
+
+            assert not same(run(), run())  # torchmeta: fresh OS entropy each time
+            compat.seed_from_torch()
+            compat.seed_from_torch()  # idempotent
+            assert same(run(), run())
+            seeded = [p for p in compat.status().patches if p.endswith("(seeded from torch)")]
+            assert len(seeded) == 3, compat.status()
+            """
+        ),
+        {"ROOT": str(root)},
+    )

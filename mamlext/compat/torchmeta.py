@@ -26,26 +26,39 @@ It bridges three gaps, and nothing else (file and line numbers are torchmeta 1.8
 torchmeta itself is imported here, right after the torchvision shims, and then patched.
 Every ``import torchmeta...`` runs the whole package ``__init__`` anyway, so this costs a
 torchmeta user nothing, and it is simpler than a meta-path hook that would have to patch
-one class when its module finishes loading. :func:`status` says what was bridged.
+one class when its module finishes loading. :func:`status` says what was bridged
+(``print(status())``: one line for a bug report).
+
+Two more changes are opt-in: :func:`use_fused_update` (or ``import
+mamlext.compat.torchmeta_fused``) makes torchmeta's own ``gradient_update_parameters``
+mamlext's fused one, and :func:`seed_from_torch` makes torchmeta's unseeded samplers
+repeat under ``torch.manual_seed``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import platform
+import random
 import sys
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CompatStatus", "status"]
+from mamlext.inner import gradient_update_parameters as fused_gradient_update_parameters
+
+__all__ = ["CompatStatus", "seed_from_torch", "status", "use_fused_update"]
 
 # What torchmeta 1.8.0 imports from torchvision (found by grepping its sources).
 _TORCHVISION_MODULES = (
@@ -72,23 +85,145 @@ class CompatStatus:
     torchvision: str
     patches: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        """One line for a bug report: what was bridged, and the versions around it."""
+        import mamlext
+
+        return (
+            f"mamlext.compat.torchmeta: torchmeta {self.torchmeta}; "
+            f"torchvision {self.torchvision}; patches: {', '.join(self.patches) or 'none'}; "
+            f"mamlext {mamlext.__version__}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}"
+        )
+
 
 def status() -> CompatStatus:
-    """What importing this module bridged (torchvision real or stand-in, patches applied)."""
-    return _STATUS
+    """What this module bridged: torchvision real or stand-in, the patches now in place.
+
+    ``print(status())`` gives it in one line, to paste into a bug report.
+    """
+    return dataclasses.replace(_STATUS, patches=_STATUS.patches + _opt_in_patches())
+
+
+# The opt-in patches: the fused update under torchmeta's names, and seeds drawn from torch.
+
+_FUSED_PATCH = "torchmeta's gradient_update_parameters = mamlext.gradient_update_parameters"
+_SEEDED_METHODS = (  # what seed_from_torch replaces: (module, class, method)
+    ("torchmeta.utils.data.dataset", "MetaDataset", "seed"),
+    ("torchmeta.transforms.splitters", "Splitter", "seed"),
+    ("torchmeta.utils.data.sampler", "CombinationRandomSampler", "__iter__"),
+)
+
+
+def use_fused_update() -> None:
+    """Make torchmeta's ``gradient_update_parameters`` mamlext's fused one, by every name.
+
+    Every module-level name bound to torchmeta's function is rebound:
+    ``torchmeta.utils.gradient_based``, ``torchmeta.utils``, and each module loaded so far
+    that did ``from torchmeta.utils import gradient_update_parameters`` (aliases included);
+    modules imported later find the fused one in torchmeta. Results equal torchmeta's to
+    the bit where the native kernel serves (the pure-PyTorch fallback may differ in the
+    last bit). A reference held elsewhere (a class attribute, a default argument) keeps
+    torchmeta's, so call this before importing the code that uses it. Idempotent.
+
+    Raises:
+        ImportError: torchmeta is not installed (or the error its import raises).
+    """
+    from torchmeta.utils import gradient_based
+
+    original = gradient_based.gradient_update_parameters
+    if original is fused_gradient_update_parameters:
+        return
+    for module in list(sys.modules.values()):
+        if not isinstance(module, types.ModuleType):
+            continue
+        namespace = vars(module)
+        for name in [name for name, value in namespace.items() if value is original]:
+            namespace[name] = fused_gradient_update_parameters
+
+
+def seed_from_torch() -> None:
+    """Make torchmeta's unseeded randomness draw its seeds from torch's default generator.
+
+    torchmeta seeds a meta-dataset and its splitter from OS entropy whenever no seed is
+    given (``MetaDataset.seed(None)``, which every helper such as ``omniglot(...)`` calls
+    without ``seed=``), and its ``CombinationRandomSampler`` picks the classes of each task
+    with Python's global ``random``. After this call those seeds are drawn from torch's
+    default generator instead (advancing it), so ``torch.manual_seed(s)`` before building
+    the data makes two runs sample the same tasks. An explicit ``seed=`` is kept. Call it
+    before building the data sets; idempotent.
+
+    Raises:
+        ImportError: torchmeta is not installed (or the error its import raises).
+    """
+    for module, cls_name, method in _SEEDED_METHODS:
+        cls = getattr(importlib.import_module(module), cls_name)
+        current = vars(cls)[method]
+        if not _ours(current):
+            setattr(
+                cls, method, _seed_none_from_torch(current) if method == "seed" else _sample_tasks
+            )
+
+
+def _draw_seed() -> int:
+    """A seed for numpy's ``RandomState`` or a ``random.Random``, from torch's generator."""
+    return int(torch.randint(2**32, (), dtype=torch.int64))
+
+
+def _seed_none_from_torch(seed_method: Callable[..., None]) -> Callable[..., None]:
+    def seed(self: Any, seed: int | None = None) -> None:
+        seed_method(self, _draw_seed() if seed is None else seed)
+
+    return seed
+
+
+def _sample_tasks(self: Any) -> Iterator[tuple[int, ...]]:
+    """``CombinationRandomSampler.__iter__`` with a ``random.Random`` seeded from torch.
+
+    Like torchmeta's: one task per combination of classes, each of
+    ``num_classes_per_task`` distinct classes drawn uniformly (``random.sample``).
+    """
+    rng = random.Random(_draw_seed())
+    num_classes, ways = len(self.data_source.dataset), self.data_source.num_classes_per_task
+    for _ in combinations(range(num_classes), ways):
+        yield tuple(rng.sample(range(num_classes), ways))
+
+
+def _opt_in_patches() -> tuple[str, ...]:
+    """Which of :func:`use_fused_update` and :func:`seed_from_torch`'s patches are in place."""
+    patches = []
+    gradient_based = sys.modules.get("torchmeta.utils.gradient_based")
+    fused = getattr(gradient_based, "gradient_update_parameters", None)
+    if fused is fused_gradient_update_parameters:
+        patches.append(_FUSED_PATCH)
+    for module, cls_name, method in _SEEDED_METHODS:
+        cls = getattr(sys.modules.get(module), cls_name, None)
+        if cls is not None and _ours(vars(cls).get(method)):
+            patches.append(f"{module}.{cls_name}.{method} (seeded from torch)")
+    return tuple(patches)
 
 
 # The torchvision stand-in: only what torchmeta uses, on PIL images.
+
+
+_STAND_IN = "mamlext's torchvision stand-in"
+
+
+def _stand_in_lacks(name: str) -> str:
+    """The message for a torchvision name or module the stand-in does not offer."""
+    reason = getattr(sys.modules.get("torchvision"), "__mamlext_reason__", "unknown")
+    return (
+        f"{_STAND_IN} (installed by mamlext.compat.torchmeta) has no {name}: it offers only "
+        "what torchmeta 1.8 imports, because the real torchvision is not importable here "
+        f"({reason}); install a torchvision built for torch {torch.__version__} for the rest"
+    )
 
 
 def _require_pil(img: Any, verb: str) -> None:
     from PIL import Image
 
     if not isinstance(img, Image.Image):
-        raise TypeError(
-            f"the torchvision stand-in of mamlext.compat.torchmeta {verb} PIL images only, "
-            f"got {type(img).__name__}"
-        )
+        raise TypeError(f"{_STAND_IN} {verb} PIL images only, got {type(img).__name__}")
 
 
 def resize(img: Any, size: int | Sequence[int], interpolation: int = _BILINEAR) -> Any:
@@ -212,9 +347,8 @@ def download_url(url: str, root: str, filename: str | None = None, md5: str | No
     fpath = os.path.join(os.path.expanduser(root), filename or os.path.basename(url))
     if not check_integrity(fpath, md5):
         raise RuntimeError(
-            f"{fpath} is missing or corrupt, and the torchvision stand-in of "
-            f"mamlext.compat.torchmeta does not download: fetch {url} there yourself, "
-            "or install a torchvision that imports with this torch"
+            f"{fpath} is missing or corrupt, and {_STAND_IN} does not download: fetch {url} "
+            "there yourself, or install a torchvision that imports with this torch"
         )
 
 
@@ -239,14 +373,34 @@ _DATASETS_UTILS_PRIVATE = {
 }
 
 
+class _StandInFinder(importlib.abc.MetaPathFinder):
+    """Make importing a torchvision module the stand-in lacks say so, and why.
+
+    Last on ``sys.meta_path``, it is asked only once every other finder found nothing.
+    Its error names ``torchvision`` (not the submodule), so that ``from torchvision.transforms
+    import Normalize`` shows it too instead of "cannot import name ... (unknown location)".
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname.startswith("torchvision.") and getattr(
+            sys.modules.get("torchvision"), "__mamlext_stub__", False
+        ):
+            raise ModuleNotFoundError(_stand_in_lacks(fullname), name="torchvision")
+        return None
+
+
 def _install_stand_in(reason: str) -> None:
     def module(name: str, **names: Any) -> types.ModuleType:
-        mod = types.ModuleType(name, f"Stand-in from {__name__}: torchvision did not import.")
-        is_package = name.count(".") < 2
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=is_package)
-        if is_package:
-            mod.__path__ = []  # so `import torchvision.models` says "No module named ..."
-        vars(mod).update(names)
+        mod = types.ModuleType(name, f"{_STAND_IN}; the real one did not import: {reason}")
+        # Every stand-in module is a package, so that `from <it> import <missing>` asks the
+        # finder above for the submodule before Python's generic "cannot import name".
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        mod.__path__ = []
+
+        def __getattr__(attr: str) -> Any:
+            raise AttributeError(_stand_in_lacks(f"{name}.{attr}"))
+
+        vars(mod).update(names, __getattr__=__getattr__)
         sys.modules[name] = mod
         return mod
 
@@ -273,6 +427,8 @@ def _install_stand_in(reason: str) -> None:
         __mamlext_stub__=True,
         __mamlext_reason__=reason,
     )
+    if not any(_ours(type(finder)) for finder in sys.meta_path):
+        sys.meta_path.append(_StandInFinder())
 
 
 def _torchvision() -> str:
