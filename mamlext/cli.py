@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 
 from mamlext.train import ALGORITHMS, DATASETS, TrainConfig
@@ -72,11 +73,23 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, ``timeout``), raised where the job is so that it stops as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _train(args: argparse.Namespace) -> int:
     from mamlext.train import train
 
     config = _config(args)
-    result = train(config)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        result = train(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if result is None:  # a non-zero rank of a distributed job
         return 0
     final = result["final"]
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from mamlext.checkpoint import CheckpointError
     from mamlext.data.omniglot import CorruptDataError
     from mamlext.distributed import PeerFailure
+    from mamlext.train import OutFolderInUse, RunStopped
 
     try:
         return args.run(args)
@@ -161,15 +175,18 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         CorruptDataError,
         PeerFailure,
+        OutFolderInUse,
+        RunStopped,
     ) as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"mamlext {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"mamlext {args.command}: interrupted (the last checkpoint is intact)", file=sys.stderr
+    except KeyboardInterrupt as stop:  # 128 + the signal's number, as a shell reports it
+        how, code = (
+            ("terminated (SIGTERM)", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
         )
-        return 130
+        print(f"mamlext {args.command}: {how} (the last checkpoint is intact)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
