@@ -140,7 +140,14 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mamlext", description="Fast, exact MAML for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="meta-train (default: sinusoid regression)")
+    train = commands.add_parser(
+        "train",
+        help="meta-train (default: sinusoid regression)",
+        epilog="Exit status: 0 done; 2 an error, named on stderr (bad input, an unusable "
+        "checkpoint, a diverged run, a failed write, --out in use by another run); 130 "
+        "interrupted (SIGINT), 143 terminated (SIGTERM). In every case the last checkpoint "
+        "written stays intact.",
+    )
     _add_train_arguments(train)
     train.set_defaults(run=_train)
     evaluate = commands.add_parser("evaluate", help="meta-test a checkpoint")

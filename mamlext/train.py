@@ -263,7 +263,14 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     """Meta-train, evaluate, write metrics/checkpoints/plots under ``config.out``.
 
     Returns the final evaluation (and where the files are); ``None`` on the other ranks
-    of a distributed job, where only rank 0 evaluates and writes.
+    of a distributed job, where only rank 0 evaluates, writes and locks ``config.out``.
+
+    Raises:
+        OutFolderInUse: another ``train`` is running on ``config.out``.
+        RunStopped: the run diverged (a non-finite meta-loss or parameter; nothing of that
+            iteration is written) or a file could not be written (e.g. a full disk). The
+            checkpoint on disk is then the last good one.
+        CheckpointError: ``resume`` and the checkpoint is unusable or of another run.
     """
     config = config.resolved()
     world = distributed.World.from_environment(config.device)
@@ -272,7 +279,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         try:
             return _train(run)
         except OSError as error:  # e.g. a full disk; checkpoints are written atomically
-            raise run.stopped(f"cannot write to {run.out}: {error.strerror or error}") from None
+            where = error.filename or run.out
+            raise run.stopped(f"cannot write to {where}: {error.strerror or error}") from None
 
 
 def _train(run: _Run) -> dict[str, Any] | None:

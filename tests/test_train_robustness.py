@@ -52,6 +52,16 @@ def test_a_diverging_run_stops_and_keeps_the_last_finite_checkpoint(tmp_path, ca
     assert [r["iteration"] for r in read_metrics(tmp_path)] == list(range(1, bad))
 
 
+def test_a_resumed_run_whose_schedule_explodes_stops(tmp_path, capsys):
+    run = ["--eval-every", "1", "--out", str(tmp_path), *SMALL]
+    assert main(["train", "--iterations", "2", *run]) == 0
+    exploding = ["--meta-lr-milestones", "3", "--meta-lr-gamma", "1e13", "--resume"]
+    assert main(["train", "--iterations", "30", *exploding, *run]) == 2
+    found = re.search(r"diverged at iteration (\d+)", one_error_line(capsys))
+    assert found and int(found.group(1)) > 3
+    assert_finite_checkpoint(tmp_path / "checkpoint.pt", int(found.group(1)) - 1)
+
+
 def test_non_finite_parameters_after_a_finite_loss_stop_the_run(tmp_path, monkeypatch, capsys):
     """As when the step itself overflows: the check looks at the parameters too."""
     meta_step = mamlext.train._meta_step
