@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and refused:
+            raise CheckpointError(
+                f"{path} holds code or Python objects ({refused.group(1)}) that mamlext will "
+                f"not load: unpickling them could run arbitrary code, so only tensors, numbers, "
+                f"strings and containers are read (a checkpoint of mamlext train holds nothing "
+                f"else)"
+            ) from None
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: {first_line[:120]})"
+            f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: "
+            f"{_reason(error)[:120]})"
         ) from None
     if not isinstance(state, dict) or "iteration" not in state:
         raise CheckpointError(f"{path} is not a mamlext checkpoint")
     return state
+
+
+def _reason(error: Exception) -> str:
+    """The line of ``error`` that says what is wrong (torch.load's weights-only errors begin
+    with a generic paragraph and name the problem after "WeightsUnpickler error:")."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")

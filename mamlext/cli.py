@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 
 from mamlext.train import ALGORITHMS, DATASETS, TrainConfig
@@ -72,11 +73,23 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, ``timeout``), raised where the job is so that it stops as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _train(args: argparse.Namespace) -> int:
     from mamlext.train import train
 
     config = _config(args)
-    result = train(config)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        result = train(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if result is None:  # a non-zero rank of a distributed job
         return 0
     final = result["final"]
@@ -127,7 +140,14 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mamlext", description="Fast, exact MAML for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="meta-train (default: sinusoid regression)")
+    train = commands.add_parser(
+        "train",
+        help="meta-train (default: sinusoid regression)",
+        epilog="Exit status: 0 done; 2 an error, named on stderr (bad input, an unusable "
+        "checkpoint, a diverged run, a failed write, --out in use by another run); 130 "
+        "interrupted (SIGINT), 143 terminated (SIGTERM). In every case the last checkpoint "
+        "written stays intact.",
+    )
     _add_train_arguments(train)
     train.set_defaults(run=_train)
     evaluate = commands.add_parser("evaluate", help="meta-test a checkpoint")
@@ -151,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from mamlext.checkpoint import CheckpointError
     from mamlext.data.omniglot import CorruptDataError
     from mamlext.distributed import PeerFailure
+    from mamlext.train import OutFolderInUse, RunStopped
 
     try:
         return args.run(args)
@@ -161,15 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         CorruptDataError,
         PeerFailure,
+        OutFolderInUse,
+        RunStopped,
     ) as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"mamlext {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"mamlext {args.command}: interrupted (the last checkpoint is intact)", file=sys.stderr
+    except KeyboardInterrupt as stop:  # 128 + the signal's number, as a shell reports it
+        how, code = (
+            ("terminated (SIGTERM)", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
         )
-        return 130
+        print(f"mamlext {args.command}: {how} (the last checkpoint is intact)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

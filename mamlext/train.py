@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,16 @@ from mamlext.models import conv4, mlp
 
 DATASETS = ("sinusoid", "harmonic", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "metasgd", "mamlpp", "anil")
+CHECKPOINT_ENTRIES = ("iteration", "config", "maml", "optimizer", "samplers", "torch_rng")
+LOCK_NAME = "train.lock"
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its end (it diverged, or a file could not be written)."""
+
+
+class OutFolderInUse(RuntimeError):
+    """Another ``mamlext train`` holds the output folder."""
 
 
 def _resumable(default: Any) -> Any:
@@ -217,6 +231,15 @@ class _Run:
     sampler: Any  # this rank's training tasks
     eval_sampler: Any  # the test split's tasks
     start: int = 0  # iterations already done (a resumed run's checkpoint)
+    checkpointed: int | None = None  # the iteration of this run's checkpoint on disk
+
+    def stopped(self, reason: str) -> RunStopped:
+        """The error that stops the run for ``reason``, saying what is left on disk."""
+        if self.checkpointed is None:
+            return RunStopped(f"{reason}; no checkpoint of this run was written")
+        return RunStopped(
+            f"{reason}; the last checkpoint (iteration {self.checkpointed}) is intact"
+        )
 
     @property
     def out(self) -> Path:
@@ -240,14 +263,36 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     """Meta-train, evaluate, write metrics/checkpoints/plots under ``config.out``.
 
     Returns the final evaluation (and where the files are); ``None`` on the other ranks
-    of a distributed job, where only rank 0 evaluates and writes.
+    of a distributed job, where only rank 0 evaluates, writes and locks ``config.out``.
+
+    Raises:
+        OutFolderInUse: another ``train`` is running on ``config.out``.
+        RunStopped: the run diverged (a non-finite meta-loss or parameter; nothing of that
+            iteration is written) or a file could not be written (e.g. a full disk). The
+            checkpoint on disk is then the last good one.
+        CheckpointError: ``resume`` and the checkpoint is unusable or of another run.
     """
-    run = _set_up(config.resolved())
+    config = config.resolved()
+    world = distributed.World.from_environment(config.device)
+    with _exclusive_use(Path(config.out)) if world.is_main else contextlib.nullcontext():
+        run = _set_up(config, world)
+        try:
+            return _train(run)
+        except OSError as error:  # e.g. a full disk; checkpoints are written atomically
+            where = error.filename or run.out
+            raise run.stopped(f"cannot write to {where}: {error.strerror or error}") from None
+
+
+def _train(run: _Run) -> dict[str, Any] | None:
+    """The steps from ``run.start`` on, then the final evaluation (see :func:`train`)."""
     config = run.config
+    if run.world.is_main:
+        _start_metrics(run)
     bar = _ProgressBar(run.start, config, enabled=config.progress and run.world.is_main)
     began = time.perf_counter()
     for iteration in range(run.start, config.iterations):
         record = _meta_step(run, iteration)
+        _check_finite(run, record)
         bar.update(record["loss"], record[config.metric_name])
         _record_and_checkpoint(run, record, seconds=time.perf_counter() - began)
     bar.close()
@@ -255,11 +300,33 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     return _final_evaluation(run) if run.world.is_main else None
 
 
-def _set_up(config: TrainConfig) -> _Run:
+@contextlib.contextmanager
+def _exclusive_use(out: Path) -> Iterator[None]:
+    """Hold a lock on ``out`` (``fcntl.flock`` on ``out/train.lock``) while the block runs.
+
+    Raises OutFolderInUse where another process holds it. The kernel releases the lock when
+    its process ends, however it ends, so a crashed run never leaves the folder locked. The
+    file stays, naming its last holder (removing it would let two runs lock two files).
+    """
+    _check_writable(out)
+    with open(out / LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process"
+            raise OutFolderInUse(
+                f"{out} is in use by another mamlext train ({holder}); wait for it to end, "
+                f"or choose another --out"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+
+
+def _set_up(config: TrainConfig, world: distributed.World) -> _Run:
     """Model, optimizer and task samplers of a new run, or of the checkpoint's run to resume."""
-    world = distributed.World.from_environment(config.device)
-    if world.is_main:
-        _check_writable(Path(config.out))
     torch.manual_seed(config.seed)
     maml = build_maml(config).to(world.device)
     world.broadcast_parameters(maml)
@@ -272,27 +339,58 @@ def _set_up(config: TrainConfig) -> _Run:
     eval_sampler = build_sampler(config, "test", config.seed + 1)
     run = _Run(config, world, maml, optimizer, sampler, eval_sampler)
     if config.resume:
-        _restore(run, load_checkpoint(run.checkpoint_path))
-    if world.is_main and config.resume:
-        _drop_metrics_after(run.metrics_path, run.start)
-    elif world.is_main:
-        run.metrics_path.unlink(missing_ok=True)
+        _restore(run)
     return run
 
 
-def _restore(run: _Run, state: dict[str, Any]) -> None:
-    """Continue from ``state``: parameters, Adam, this rank's task stream and the torch RNG."""
-    _check_same_run(state["config"], run.config, state["iteration"])
+def _restore(run: _Run) -> None:
+    """Continue from the checkpoint: parameters, Adam, this rank's task stream, the torch RNG."""
+    state, saved = load_run_checkpoint(run.checkpoint_path)
+    _check_same_run(saved, run.config, state["iteration"])
     if len(state["samplers"]) != run.world.size:
         raise CheckpointError(
             f"the checkpoint was written by {len(state['samplers'])} process(es); resume "
             f"with the same number (now {run.world.size}) to continue every task stream"
         )
     run.maml.load_state_dict(state["maml"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.sampler.load_state_dict(state["samplers"][run.world.rank])
-    torch.set_rng_state(state["torch_rng"])
-    run.start = state["iteration"]
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.sampler.load_state_dict(state["samplers"][run.world.rank])
+        torch.set_rng_state(state["torch_rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{run.checkpoint_path}: its optimizer, task stream or RNG state does not fit this "
+            f"run ({type(error).__name__}: {error})"
+        ) from None
+    run.start = run.checkpointed = state["iteration"]
+
+
+def _start_metrics(run: _Run) -> None:
+    """A new run starts metrics.jsonl afresh; a resumed one keeps the checkpoint's records."""
+    if run.config.resume:
+        _drop_metrics_after(run.metrics_path, run.start)
+    else:
+        run.metrics_path.unlink(missing_ok=True)
+
+
+def _check_finite(run: _Run, record: dict[str, Any]) -> None:
+    """Stop the run when the step's meta-loss, or a parameter or buffer after it, is not finite.
+
+    Called before anything of the step is written, so the last checkpoint stays the last
+    finite one. Every process sees the same loss and parameters, so all stop together.
+    """
+    tensors = [t for t in run.maml.state_dict().values() if t.is_floating_point()]
+    if math.isfinite(record["loss"]) and torch.stack([t.isfinite().all() for t in tensors]).all():
+        return
+    if not math.isfinite(record["loss"]):
+        problem = f"the meta-loss is {record['loss']}"
+    else:
+        name = next(n for n, t in run.maml.state_dict().items() if not t.isfinite().all())
+        problem = f"the step made {name} non-finite"
+    raise run.stopped(
+        f"the run diverged at iteration {record['iteration']}: {problem} (try a lower "
+        f"--meta-lr or --step-size); nothing of that iteration was written"
+    )
 
 
 def _meta_step(run: _Run, iteration: int) -> dict[str, Any]:
@@ -337,6 +435,7 @@ def _record_and_checkpoint(run: _Run, record: dict[str, Any], seconds: float) ->
         f.write(json.dumps(record) + "\n")
     if checkpointing:
         save_checkpoint(_state(run, sampler_states, step), run.checkpoint_path)
+        run.checkpointed = step
 
 
 def _final_evaluation(run: _Run) -> dict[str, Any]:
@@ -374,6 +473,65 @@ def _state(run: _Run, sampler_states: list[Any], iteration: int) -> dict[str, An
     }
 
 
+def load_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], TrainConfig]:
+    """Read a checkpoint of ``mamlext train`` and check that it is one, whole and finite.
+
+    Returns:
+        The checkpoint (as :func:`_state` writes it) and its run's config, resolved.
+
+    Raises:
+        CheckpointError: the file is unreadable, or the message names the entry that is
+            missing, unknown, of the wrong shape or not finite.
+    """
+    state = load_checkpoint(path)
+
+    def refuse(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a usable checkpoint of mamlext train: {problem}")
+
+    missing = [k for k in CHECKPOINT_ENTRIES if k not in state]
+    unknown = [k for k in state if k not in CHECKPOINT_ENTRIES]
+    if missing or unknown:
+        raise refuse(f"entries missing {missing}, unknown {unknown}")
+    saved = state["config"]
+    if not isinstance(saved, dict):
+        raise refuse(f"its config is a {type(saved).__name__}, not a dict")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = [k for k in saved if k not in fields]  # older checkpoints may lack new fields
+    if unknown:
+        raise refuse(f"its config has settings this mamlext does not know: {unknown}")
+    try:
+        config = TrainConfig(**saved).resolved()
+        model = build_maml(config)
+    except (TypeError, ValueError) as error:
+        raise refuse(f"its config is invalid ({error})") from None
+    if not isinstance(state["iteration"], int) or state["iteration"] < 0:
+        raise refuse(f"iteration {state['iteration']!r} is not a count of steps")
+    weights = state["maml"]
+    expected = model.state_dict()
+    if not isinstance(weights, dict) or weights.keys() != expected.keys():
+        found = list(weights) if isinstance(weights, dict) else type(weights).__name__
+        raise refuse(f"its model holds {found}, expected {list(expected)}")
+    for name, tensor in expected.items():
+        found = weights[name]
+        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
+            shape = tuple(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
+            raise refuse(f"{name} is {shape}, expected {tuple(tensor.shape)} for this config")
+        if found.is_floating_point() and not found.isfinite().all():
+            raise refuse(f"{name} is not finite (the run diverged)")
+    params = list(model.parameters())  # the optimizer's order
+    try:
+        adam = state["optimizer"]["state"]
+        moments = [(i, s[k]) for i, s in adam.items() for k in ("exp_avg", "exp_avg_sq")]
+        fits = all(m.shape == params[i].shape for i, m in moments)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        fits = False
+    if not fits:
+        raise refuse("its optimizer state does not fit the model's parameters")
+    if not isinstance(state["samplers"], list) or not isinstance(state["torch_rng"], torch.Tensor):
+        raise refuse("its task stream or RNG state is not what mamlext train writes")
+    return state, config
+
+
 def _drop_metrics_after(path: Path, iteration: int) -> None:
     """Keep the records up to the checkpoint's iteration (an interrupted run wrote more)."""
     if not path.exists():
@@ -390,14 +548,11 @@ def _drop_metrics_after(path: Path, iteration: int) -> None:
     os.replace(tmp, path)
 
 
-def _check_same_run(saved: dict[str, Any], config: TrainConfig, iteration: int) -> None:
+def _check_same_run(before: TrainConfig, config: TrainConfig, iteration: int) -> None:
     """Refuse to resume with a non-resumable setting or an earlier schedule unlike the saved."""
-    current = dataclasses.asdict(config)
-    defaults = dataclasses.asdict(TrainConfig())
-    saved = {k: saved.get(k, defaults[k]) for k in current}  # older checkpoints lack new keys
+    saved, current = dataclasses.asdict(before), dataclasses.asdict(config)
     fixed = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("resumable")]
     differ = {k: (saved[k], current[k]) for k in fixed if saved[k] != current[k]}
-    before = TrainConfig(**saved)
     changes = {0, *before.meta_lr_milestones, *config.meta_lr_milestones}
     if any(meta_lr_at(before, i) != meta_lr_at(config, i) for i in changes if i < iteration):
         differ["meta_lr schedule before iteration " + str(iteration)] = (
@@ -451,8 +606,8 @@ def evaluate_checkpoint(
     path: str, tasks: int = 600, steps: int | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     """Meta-test the run saved at ``path`` on ``tasks`` tasks of its test split."""
-    state = load_checkpoint(path)
-    config = TrainConfig(**{**state["config"], "device": device}).resolved()
+    state, config = load_run_checkpoint(path)
+    config = dataclasses.replace(config, device=device)
     maml = build_maml(config).to(device)
     maml.load_state_dict(state["maml"])
     sampler = build_sampler(config, "test", config.seed + 1)

@@ -4,12 +4,17 @@ import hashlib
 import io
 import itertools
 import math
+import re
 import shutil
+import struct
+import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from mamlext.data import (
@@ -336,3 +341,72 @@ def test_download_checks_md5_and_writes_atomically(tmp_path):
     assert [p.name for p in out.iterdir()] == ["a.zip"] and (
         out / "a.zip"
     ).read_bytes() == src.read_bytes()
+
+
+def write_npz(path, images: np.ndarray) -> list[str]:
+    """A tiny Omniglot npz of ``len(images) // 20`` characters; returns their names."""
+    names = [f"images_background/Alpha/character{i:02d}" for i in range(len(images) // 20)]
+    np.savez(
+        path,
+        images=images,
+        character=np.repeat(np.arange(len(names)), 20),
+        drawer=np.tile(np.arange(1, 21), len(names)),
+        character_names=np.array(names),
+    )
+    return names
+
+
+def test_npz_of_floats_in_0_255_is_refused_and_in_0_1_scaled(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 28, 28)).astype(np.uint8)
+    for folder, images in (("uint8", pixels), ("unit", pixels / 255.0)):
+        (tmp_path / folder).mkdir()
+        names = write_npz(tmp_path / folder / og.NPZ_NAME, images)
+    uint8 = load_omniglot(tmp_path / "uint8", characters=names)
+    unit = load_omniglot(tmp_path / "unit", characters=names)
+    assert unit.images.dtype == np.uint8
+    np.testing.assert_array_equal(unit.images, uint8.images)
+    for name, images in (
+        ("float64 with values in [0, 255]", pixels.astype(np.float64)),
+        ("float32 with values in [nan, nan]", np.full((40, 28, 28), np.nan, np.float32)),
+        ("int64", pixels.astype(np.int64)),
+    ):
+        (tmp_path / name).mkdir()
+        write_npz(tmp_path / name / og.NPZ_NAME, images)
+        with pytest.raises(CorruptDataError, match=re.escape(f"the images are {name}; expected")):
+            load_omniglot(tmp_path / name, characters=names)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` 1-bit pixels, with one tiny IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("side,warnings_are_errors", [(20000, False), (10000, True)])
+def test_decompression_bomb_png_is_a_corrupt_member(tmp_path, side, warnings_are_errors):
+    """PIL refuses 20000^2 pixels (DecompressionBombError) and warns at 10000^2, which is an
+    error where warnings are."""
+    drawing = io.BytesIO()
+    Image.new("1", (105, 105), 1).save(drawing, "PNG")
+    characters = {s: f"{s}/Alpha/character01" for s in og.SETS}
+    for s, character in characters.items():
+        with zipfile.ZipFile(tmp_path / f"{s}.zip", "w") as z:
+            for d in range(1, 21):
+                bomb = s == "images_background" and d == 20
+                png = png_claiming(side, side) if bomb else drawing.getvalue()
+                z.writestr(f"{character}/0001_{d:02d}.png", png)
+    with warnings.catch_warnings():
+        if warnings_are_errors:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(CorruptDataError, match="cannot decode .*0001_20.png"):
+            load_omniglot(tmp_path, characters=[characters["images_background"]], cache=False)

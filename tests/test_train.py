@@ -273,3 +273,21 @@ def test_cli_train_then_evaluate(tmp_path):
     evaluated = cli("evaluate", str(tmp_path / "checkpoint.pt"), "--tasks", "20")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["tasks"] == 20
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("a pickle that runs code when loaded",))
+
+
+def test_a_checkpoint_holding_code_is_refused_saying_why(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"iteration": 1, "payload": RunsCode()}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    message = str(refused.value)
+    assert "holds code or Python objects (print) that mamlext will not load" in message
+    assert "could run arbitrary code" in message and "Weights only" not in message
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"corrupt or unreadable \(UnpicklingError: Unsup"):
+        load_checkpoint(path)

@@ -9,7 +9,8 @@ torchmeta's pipeline and ``omniglot_28x28.npz`` hold). Characters are ordered by
 
 Sources under ``root``, tried in this order by ``source="auto"``:
 
-- ``"npz"``: ``<root>/omniglot_28x28.npz`` (fastest, ~0.3 s).
+- ``"npz"``: ``<root>/omniglot_28x28.npz`` (fastest, ~0.3 s); images uint8, or floats in
+  [0, 1] (scaled to uint8); any other dtype or range is refused.
 - ``"hdf5"``: torchmeta's ``<root>/omniglot/data.hdf5`` (``root`` is torchmeta's root; also
   found at ``<root>/torchmeta/omniglot/data.hdf5``).
 - ``"zip"``: the public ``<root>/images_background.zip`` and ``<root>/images_evaluation.zip``
@@ -130,6 +131,7 @@ def _read_npz(path: Path, characters: Sequence[str] | None) -> tuple[np.ndarray,
             names = [str(n) for n in z["character_names"]]
     except (zipfile.BadZipFile, zlib.error, ValueError, KeyError, OSError, EOFError) as e:
         raise _corrupt(path, f"not a complete Omniglot npz ({type(e).__name__}: {e})") from e
+    images = _as_uint8(images, path)
     counts = np.bincount(char.astype(np.int64), minlength=len(names))
     if images.shape[1:] != (SIZE, SIZE) or len(char) != len(images) or (counts != DRAWINGS).any():
         raise _corrupt(path, f"expected {DRAWINGS} images of {SIZE}x{SIZE} per character")
@@ -138,6 +140,27 @@ def _read_npz(path: Path, characters: Sequence[str] | None) -> tuple[np.ndarray,
     if characters is not None:
         images = images[[names.index(c) for c in chosen]]
     return images, chosen
+
+
+def _as_uint8(images: np.ndarray, path: Path) -> np.ndarray:
+    """The npz's images as uint8 0..255: uint8 as is, floats in [0, 1] scaled (and rounded).
+
+    Anything else (floats in [0, 255], other integers) is refused: scaled as it is, it
+    would silently train on pixels outside [0, 1].
+    """
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.floating):
+        low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+        if low >= 0 and high <= 1:  # NaN fails both
+            return np.rint(images * 255).astype(np.uint8)
+        found = f"{images.dtype} with values in [{low:g}, {high:g}]"
+    else:
+        found = str(images.dtype)
+    raise CorruptDataError(
+        f"{path}: the images are {found}; expected uint8 (0..255, ink = 255) or floats in "
+        f"[0, 1]. Convert the file, or delete it to use the zips or hdf5 instead."
+    )
 
 
 def _read_hdf5(path: Path, characters: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
@@ -196,7 +219,14 @@ def _read_zips(
         def decode(m: str) -> np.ndarray:
             try:
                 return decode_png(readers[m](m))
-            except (zipfile.BadZipFile, zlib.error, OSError, ValueError) as e:
+            except (
+                zipfile.BadZipFile,
+                zlib.error,
+                OSError,
+                ValueError,
+                Image.DecompressionBombError,  # a header claiming a huge image
+                Image.DecompressionBombWarning,  # the same, where warnings are errors
+            ) as e:
                 raise _corrupt(paths[m.split("/")[0]], f"cannot decode {m} ({e})") from e
 
         decoded = [decode(m) for m in members]
@@ -368,7 +398,8 @@ def load_omniglot(
 
     Raises:
         FileNotFoundError: no source found; the message lists the files expected.
-        CorruptDataError: a source file is unreadable or incomplete.
+        CorruptDataError: a source file is unreadable or incomplete, or its images are not
+            uint8 or floats in [0, 1].
     """
     root = Path(root).expanduser()
     if source not in SOURCES:
