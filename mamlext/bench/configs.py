@@ -52,7 +52,9 @@ CONFIGS = {
 }
 FULL_CONFIGS = ("A", "A5", "B", "B5", "C", "mini")  # C already has 5 steps
 QUICK_CONFIGS = ("A", "B", "C")
-FLOAT64_CONFIGS = ("A",)  # float64 correctness too (cheap there)
+# float64 correctness too: cheap on A; on C (5 second-order steps) float32 roundoff is
+# amplified to ~1e-2 between exact implementations, so only float64 tells them apart.
+FLOAT64_CONFIGS = ("A", "C")
 
 
 def model(cfg: Config, layers: Conv4Layers) -> nn.Module:
