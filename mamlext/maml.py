@@ -161,7 +161,9 @@ class MAML(nn.Module):
         steps = self._steps(num_steps)
         if self.use_batched(support_x):
             return self._adapt_batched(support_x, support_y, steps)
-        per_task = [self._adapt_one(support_x[t], support_y[t], steps) for t in range(num_tasks)]
+        per_task = [
+            self._adapt_one(support_x[t], support_y[t], steps, task=t) for t in range(num_tasks)
+        ]
         return OrderedDict(
             (
                 name,
@@ -261,10 +263,10 @@ class MAML(nn.Module):
             return self._task_losses(outputs, query_y).mean(), outputs
         losses, outputs = [], []
         for t in range(support_x.shape[0]):
-            fast = self._adapt_one(support_x[t], support_y[t], steps)
+            fast = self._adapt_one(support_x[t], support_y[t], steps, task=t)
             with self.bn_policy.at_query():
                 out = self.model(query_x[t], params=fast)
-            losses.append(self.loss_fn(out, query_y[t]))
+            losses.append(self._task_loss(out, query_y[t], task=t))
             outputs.append(out)
         return torch.stack(losses).mean(), torch.stack(outputs)
 
@@ -298,6 +300,8 @@ class MAML(nn.Module):
 
     def _steps(self, num_steps: int | None) -> int:
         if num_steps is not None:
+            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+                raise ValueError(f"num_steps must be an integer >= 0, got {num_steps!r}")
             return num_steps
         return self.num_steps if self.training else self.num_test_steps
 
@@ -311,9 +315,9 @@ class MAML(nn.Module):
             expand, steps, lambda p: self._task_losses(self.model(x, params=p), y).sum()
         )
 
-    def _adapt_one(self, x: Tensor, y: Tensor, steps: int) -> OrderedDict[str, Tensor]:
+    def _adapt_one(self, x: Tensor, y: Tensor, steps: int, task: int) -> OrderedDict[str, Tensor]:
         return self._inner_loop(
-            lambda fast: fast, steps, lambda p: self.loss_fn(self.model(x, params=p), y)
+            lambda fast: fast, steps, lambda p: self._task_loss(self.model(x, params=p), y, task)
         )
 
     def _inner_loop(self, start, steps: int, support_loss) -> OrderedDict[str, Tensor]:
@@ -335,12 +339,40 @@ class MAML(nn.Module):
     def _task_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Each task's mean loss, ``[T]``: one call over all tasks when the loss allows."""
         num_tasks = outputs.shape[0]
-        if self.per_sample_loss:
+        if not self.per_sample_loss:
+            return torch.stack(
+                [self._task_loss(o, y, t) for t, (o, y) in enumerate(zip(outputs, targets))]
+            )
+        self._check_targets(outputs[0], targets[0])
+        try:
             per_sample = self.loss_fn(
                 outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none"
             )
-            return per_sample.reshape(num_tasks, -1).mean(1)
-        return torch.stack([self.loss_fn(o, t) for o, t in zip(outputs, targets)])
+        except IndexError as error:
+            raise _label_error(outputs, targets, error) from error
+        return per_sample.reshape(num_tasks, -1).mean(1)
+
+    def _task_loss(self, outputs: Tensor, targets: Tensor, task: int) -> Tensor:
+        """``loss_fn`` of one task's ``[N, ...]`` outputs and targets."""
+        self._check_targets(outputs, targets)
+        try:
+            return self.loss_fn(outputs, targets)
+        except IndexError as error:
+            raise _label_error(outputs[None], targets[None], error, first_task=task) from error
+
+    def _check_targets(self, outputs: Tensor, targets: Tensor) -> None:
+        """Refuse one task's float targets that torch's losses would broadcast to its outputs.
+
+        (``[N]`` targets for ``[N, 1]`` outputs: an ``[N, N]`` loss mixing samples, and tasks
+        on the task-batched path.) Only for the losses MAML knows (``per_sample_loss``).
+        """
+        if self.per_sample_loss and targets.is_floating_point() and outputs.shape != targets.shape:
+            raise ValueError(
+                f"the outputs of a task have shape {tuple(outputs.shape)} but its targets "
+                f"{tuple(targets.shape)}: the loss would broadcast them against each other, "
+                "mixing samples (and tasks). Give the targets the outputs' shape, e.g. "
+                "targets.unsqueeze(-1) for [T, N] targets of a [T, N, 1] regression"
+            )
 
 
 def _plain_mean_loss(loss_fn: LossFn) -> bool:
@@ -402,6 +434,14 @@ def _check_tasks(model: nn.Module, **tensors: Tensor) -> int:
         counts[name] = value.shape[0]
     if len(set(counts.values())) > 1:
         raise ValueError(f"support and query sets disagree on the number of tasks T: {counts}")
+    if 0 in counts.values():
+        raise ValueError("the meta-batch has no task (T = 0)")
+    for name in ("support_x", "query_x"):
+        if name in tensors and tensors[name].shape[1] == 0:
+            raise ValueError(
+                f"{name} has 0 samples per task: "
+                + ("nothing to adapt on" if name == "support_x" else "the query loss would be NaN")
+            )
     for kind in ("support", "query"):
         x, y = tensors.get(f"{kind}_x"), tensors.get(f"{kind}_y")
         if x is not None and y is not None and x.shape[1] != y.shape[1]:
@@ -409,3 +449,21 @@ def _check_tasks(model: nn.Module, **tensors: Tensor) -> int:
                 f"{kind}_x has {x.shape[1]} samples per task but {kind}_y has {y.shape[1]}"
             )
     return next(iter(counts.values()))
+
+
+def _label_error(outputs: Tensor, targets: Tensor, error: IndexError, first_task: int = 0):
+    """The loss's IndexError on ``[T, N, C, ...]`` outputs, as a ValueError naming the label."""
+    num_classes = outputs.shape[2] if outputs.dim() > 2 else 1
+    if targets.is_floating_point():
+        return error
+    bad = (targets < 0) | (targets >= num_classes)
+    bad &= targets != -100  # torch's default ignore_index
+    if not bad.any():
+        return error
+    task, *sample = (int(i) for i in bad.nonzero()[0])
+    label = int(targets[(task, *sample)])
+    return ValueError(
+        f"task {first_task + task} has target {label} (sample {sample[0]}), but the model "
+        f"outputs {num_classes} classes: labels must be in 0..{num_classes - 1} "
+        "(relabel each task's classes 0..ways-1, as torchmeta's and mamlext's samplers do)"
+    )
