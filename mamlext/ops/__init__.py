@@ -14,12 +14,13 @@ differentiable torch ops so that second-order meta-gradients are exact:
     \partial/\partial g_i = -\eta_i \bar o_i, \qquad
     \partial/\partial \eta_i = -\textstyle\sum_{\text{broadcast}} g_i \bar o_i .
 
-That formula is written three times, each tested against the same float64 oracle and
+That formula is written twice, both tested against the same float64 oracle and
 gradgradcheck: in C++ (``csrc/autograd.h``, registered as ``AutogradCPU``/``AutogradCUDA``
-by the native libraries: one C++ layer, the fast path), as the op's Python autograd rule
-(devices without a native kernel, or no compiler), and in ``_FusedSGD``, an
+by the native libraries: one C++ layer, the fast path), and in Python
+(``_backward_formula``), used by the op's Python autograd rule and by ``_FusedSGD``, an
 ``autograd.Function`` with ``setup_context``/``jvp``/a generated vmap rule that
-:func:`fused_sgd` takes while a ``torch.func`` transform or forward-mode AD is active.
+:func:`fused_sgd` takes where no native kernel serves (no compiler, other devices) and
+while a ``torch.func`` transform or forward-mode AD is active.
 """
 
 from __future__ import annotations
