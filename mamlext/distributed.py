@@ -82,11 +82,24 @@ class World:
             for tensor in [*module.parameters(), *module.buffers()]:
                 self._collective(dist.broadcast, tensor.data, src=0)
 
-    def average_gradients(self, module: nn.Module) -> None:
-        """Average over ranks ``.grad`` of every parameter and the trained BN statistics.
+    def share(self, total: int) -> slice:
+        """This rank's part of ``total`` tasks: contiguous, sizes differing by at most one."""
+        if total < self.size:
+            raise ValueError(
+                f"a meta-batch of {total} tasks cannot be split over {self.size} processes: "
+                "use at least one task per process"
+            )
+        return slice(self.rank * total // self.size, (self.rank + 1) * total // self.size)
 
-        The statistics: ``bn_policy.statistics()`` of each :class:`~mamlext.MAML` in
-        ``module`` (policies ``per_step``/``running``).
+    def average_gradients(self, module: nn.Module, tasks: int = 1) -> None:
+        r"""Average over ranks ``.grad`` of every parameter and the trained BN statistics.
+
+        Rank :math:`r`'s values are weighted by its ``tasks`` :math:`n_r`:
+        :math:`\sum_r n_r x_r / \sum_r n_r`, so ranks whose gradients are means over
+        unequal shares of a meta-batch give the gradient of the mean over all its tasks,
+        as one process would (one all-reduce). The statistics: ``bn_policy.statistics()``
+        of each :class:`~mamlext.MAML` in ``module`` (policies ``per_step``/``running``);
+        a committed set is linear in the tasks' mean, so the same weights apply.
         """
         if self.size == 1:
             return
@@ -95,8 +108,10 @@ class World:
         policies = [m.bn_policy for m in module.modules() if isinstance(m, MAML)]
         stats = [t for policy in policies for t in policy.statistics()]
         flat = torch.cat([t.reshape(-1) for t in grads + stats])
+        weight = flat.new_full((1,), float(tasks))
+        flat = torch.cat([flat * weight, weight])
         self._collective(dist.all_reduce, flat)
-        flat /= self.size
+        flat = flat[:-1] / flat[-1]
         offset = 0
         for p, t in zip(params + [None] * len(stats), grads + stats):
             chunk = flat[offset : offset + t.numel()].view_as(t)
@@ -106,12 +121,13 @@ class World:
             else:
                 t.copy_(chunk)
 
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean over ranks of a scalar tensor."""
+    def mean(self, value: torch.Tensor, tasks: int = 1) -> float:
+        """The mean over ranks of a scalar tensor, each rank weighted by its ``tasks``."""
         if self.size > 1:
-            value = value.detach().clone().reshape(1).to(self.device)
-            self._collective(dist.all_reduce, value)
-            value = value / self.size
+            value = value.detach().to(self.device, torch.float64).reshape(1)
+            pair = torch.cat([value * tasks, value.new_full((1,), float(tasks))])
+            self._collective(dist.all_reduce, pair)
+            value = pair[0] / pair[1]
         return float(value)
 
     def gather_states(self, sampler) -> list[dict[str, Any]] | None:

@@ -255,8 +255,9 @@ class _Run:
 
     @property
     def local_batch(self) -> int:
-        """Tasks per step on this rank: the meta-batch split evenly over the processes."""
-        return self.config.meta_batch // self.world.size
+        """Tasks per step on this rank: its share of the meta-batch (sizes differ by <= 1)."""
+        share = self.world.share(self.config.meta_batch)
+        return share.stop - share.start
 
 
 def train(config: TrainConfig) -> dict[str, Any] | None:
@@ -331,10 +332,7 @@ def _set_up(config: TrainConfig, world: distributed.World) -> _Run:
     maml = build_maml(config).to(world.device)
     world.broadcast_parameters(maml)
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
-    if config.meta_batch % world.size:
-        raise ValueError(
-            f"--meta-batch {config.meta_batch} does not split evenly over {world.size} processes"
-        )
+    world.share(config.meta_batch)  # at least one task per process
     sampler = build_sampler(config, "train", config.seed, rank=world.rank)
     eval_sampler = build_sampler(config, "test", config.seed + 1)
     run = _Run(config, world, maml, optimizer, sampler, eval_sampler)
@@ -405,10 +403,14 @@ def _meta_step(run: _Run, iteration: int) -> dict[str, Any]:
         group["lr"] = meta_lr_at(config, iteration)
     run.optimizer.zero_grad(set_to_none=True)
     loss, outputs = run.maml.meta_backward(xs, ys, xq, yq)  # per-task passes: low memory
-    world.average_gradients(run.maml)
+    world.average_gradients(run.maml, tasks=run.local_batch)  # weighted: exact if uneven
     run.optimizer.step()
-    metric = world.mean(task_metric(outputs, yq, config.regression).mean())
-    return {"iteration": iteration + 1, "loss": world.mean(loss), config.metric_name: metric}
+    metric = world.mean(task_metric(outputs, yq, config.regression).mean(), run.local_batch)
+    return {
+        "iteration": iteration + 1,
+        "loss": world.mean(loss, run.local_batch),
+        config.metric_name: metric,
+    }
 
 
 def _record_and_checkpoint(run: _Run, record: dict[str, Any], seconds: float) -> None:

@@ -29,18 +29,20 @@ STEPS_SCRIPT = textwrap.dedent(
     # conv bias before BatchNorm into full-size steps
     opt = torch.optim.SGD(maml.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(1)
+    tasks = int(sys.argv[4]) if len(sys.argv) > 4 else 4
     for step in range(4):
-        # the same combined meta-batch of 4 tasks everywhere; each rank takes its share
-        xs = torch.randn(4, 6, 1, 12, 12, generator=gen, dtype=torch.float64)
-        xq = torch.randn(4, 6, 1, 12, 12, generator=gen, dtype=torch.float64)
-        ys, yq = torch.randint(0, 3, (4, 6), generator=gen), torch.randint(0, 3, (4, 6), generator=gen)
-        share = slice(world.rank * 4 // world.size, (world.rank + 1) * 4 // world.size)
+        # the same combined meta-batch everywhere; each rank takes its share
+        xs = torch.randn(tasks, 6, 1, 12, 12, generator=gen, dtype=torch.float64)
+        xq = torch.randn(tasks, 6, 1, 12, 12, generator=gen, dtype=torch.float64)
+        ys = torch.randint(0, 3, (tasks, 6), generator=gen)
+        yq = torch.randint(0, 3, (tasks, 6), generator=gen)
+        share = world.share(tasks)
         if os.environ.get("DIE_AT") == str(step) and world.rank == 1:
             os._exit(3)
         loss, _ = maml(xs[share], ys[share], xq[share], yq[share])
         opt.zero_grad()
         loss.backward()
-        world.average_gradients(maml)
+        world.average_gradients(maml, tasks=share.stop - share.start)
         opt.step()
     if world.is_main:
         torch.save({k: v.detach().clone() for k, v in maml.state_dict().items()}, sys.argv[3])
@@ -82,13 +84,20 @@ def launch(world_size, args, extra_env=None, timeout=300, script=STEPS_SCRIPT):
 
 
 @pytest.mark.parametrize(
-    "bn,mode",
-    [("transductive", "fixed"), ("per_step", "per_layer_per_step"), ("running", "per_element")],
+    "bn,mode,tasks",
+    [
+        ("transductive", "fixed", 4),
+        ("per_step", "per_layer_per_step", 4),
+        ("running", "per_element", 4),
+        # uneven shares (1 and 2 tasks), averaged with weights
+        ("transductive", "fixed", 3),
+        ("per_step", "per_layer_per_step", 3),
+    ],
 )
-def test_two_processes_equal_one_process_on_the_combined_meta_batch(tmp_path, bn, mode):
+def test_two_processes_equal_one_process_on_the_combined_meta_batch(tmp_path, bn, mode, tasks):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     for world_size, out in ((1, one), (2, two)):
-        for code, _, err in launch(world_size, [bn, mode, str(out)]):
+        for code, _, err in launch(world_size, [bn, mode, str(out), str(tasks)]):
             assert code == 0, err
     a, b = torch.load(one), torch.load(two)
     assert a.keys() == b.keys()
@@ -147,10 +156,11 @@ def test_close_stops_the_gloo_worker_threads():
 
 
 def test_torchrun_training_job_and_resume(tmp_path):
+    # --meta-batch 7 over 2 processes: uneven shares of 3 and 4 tasks
     out = tmp_path / "run"
     base = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-        "-m", "mamlext", "train", "--meta-batch", "8", "--eval-every", "5", "--eval-tasks", "20",
+        "-m", "mamlext", "train", "--meta-batch", "7", "--eval-every", "5", "--eval-tasks", "20",
         "--out", str(out), "--no-progress", "--no-plot",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
