@@ -349,7 +349,7 @@ class MAML(nn.Module):
                 outputs.flatten(0, 1), targets.flatten(0, 1), reduction="none"
             )
         except IndexError as error:
-            raise _label_error(outputs, targets, error) from error
+            _raise_label_error(outputs, targets, error)
         return per_sample.reshape(num_tasks, -1).mean(1)
 
     def _task_loss(self, outputs: Tensor, targets: Tensor, task: int) -> Tensor:
@@ -358,7 +358,7 @@ class MAML(nn.Module):
         try:
             return self.loss_fn(outputs, targets)
         except IndexError as error:
-            raise _label_error(outputs[None], targets[None], error, first_task=task) from error
+            _raise_label_error(outputs[None], targets[None], error, first_task=task)
 
     def _check_targets(self, outputs: Tensor, targets: Tensor) -> None:
         """Refuse one task's float targets that torch's losses would broadcast to its outputs.
@@ -451,19 +451,22 @@ def _check_tasks(model: nn.Module, **tensors: Tensor) -> int:
     return next(iter(counts.values()))
 
 
-def _label_error(outputs: Tensor, targets: Tensor, error: IndexError, first_task: int = 0):
-    """The loss's IndexError on ``[T, N, C, ...]`` outputs, as a ValueError naming the label."""
+def _raise_label_error(
+    outputs: Tensor, targets: Tensor, error: IndexError, first_task: int = 0
+) -> None:
+    """Re-raise the loss's IndexError on ``[T, N, C, ...]`` outputs as a ValueError naming
+    the out-of-range label; as it is when no label is out of range."""
     num_classes = outputs.shape[2] if outputs.dim() > 2 else 1
     if targets.is_floating_point():
-        return error
+        raise error
     bad = (targets < 0) | (targets >= num_classes)
     bad &= targets != -100  # torch's default ignore_index
     if not bad.any():
-        return error
+        raise error
     task, *sample = (int(i) for i in bad.nonzero()[0])
     label = int(targets[(task, *sample)])
-    return ValueError(
+    raise ValueError(
         f"task {first_task + task} has target {label} (sample {sample[0]}), but the model "
         f"outputs {num_classes} classes: labels must be in 0..{num_classes - 1} "
         "(relabel each task's classes 0..ways-1, as torchmeta's and mamlext's samplers do)"
-    )
+    ) from error

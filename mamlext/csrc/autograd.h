@@ -123,8 +123,11 @@ inline std::vector<at::Tensor> fused_sgd_autograd(
     return outs;
   }
   std::vector<at::Tensor> rates;
+  std::vector<bool> present;
+  present.reserve(lrs.size());
   for (size_t i = 0; i < lrs.size(); ++i) {
     const std::optional<at::Tensor> lr = lrs.get(i);
+    present.push_back(lr.has_value());
     if (lr.has_value()) {
       rates.push_back(*lr);
     }
@@ -146,10 +149,7 @@ inline std::vector<at::Tensor> fused_sgd_autograd(
       backward.grads.emplace_back(grad, /*is_output=*/false);
     }
   }
-  backward.present.reserve(lrs.size());
-  for (size_t i = 0; i < lrs.size(); ++i) {
-    backward.present.push_back(lrs.get(i).has_value());
-  }
+  backward.present = std::move(present);
   backward.scalars.assign(lr_scalars.begin(), lr_scalars.end());
   torch::autograd::set_history(outs, node);
   return outs;

@@ -250,19 +250,17 @@ class BatchNormPolicy:
                     "statistics), or use bn='transductive'"
                 )
 
-    @contextlib.contextmanager
-    def at_step(self, step: int) -> Iterator[None]:
+    def at_step(self, step: int) -> contextlib.AbstractContextManager[None]:
         """The enclosed forwards are inner step ``step`` on the support sets."""
-        outer, self._step = self._step, step
-        try:
-            yield
-        finally:
-            self._step = outer
+        return self._at(step)
+
+    def at_query(self) -> contextlib.AbstractContextManager[None]:
+        """The enclosed forwards are on the query sets (also the default outside MAML)."""
+        return self._at(None)
 
     @contextlib.contextmanager
-    def at_query(self) -> Iterator[None]:
-        """The enclosed forwards are on the query sets (also the default outside MAML)."""
-        outer, self._step = self._step, None
+    def _at(self, step: int | None) -> Iterator[None]:
+        outer, self._step = self._step, step
         try:
             yield
         finally:
