@@ -33,6 +33,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--first-order", action="store_true", help="drop second-order terms (FOMAML)")
     a("--algorithm", default=d.algorithm, help=f"one of {', '.join(ALGORITHMS)}")
     a("--bn", default=d.bn, help="BatchNorm policy: transductive | per_step | running")
+    a(
+        "--inner-checkpoint",
+        type=_segment_length,
+        metavar="N|auto",
+        help="recompute the inner loop during backward in segments of N steps (auto: sized "
+        "from a step's graph): memory that does not grow with the steps, the same meta-gradient "
+        "(activation checkpointing, not the run's checkpoint.pt; docs/memory.md)",
+    )
     a("--meta-lr", type=float, default=d.meta_lr, help="Adam learning rate of the outer loop")
     a(
         "--meta-lr-milestones",
@@ -63,6 +71,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--no-plot", dest="plot", action="store_false", help="skip the PNG figures")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _segment_length(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N (steps) or auto, got {text!r}") from None
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
@@ -156,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, help="inner steps (default: the run's test steps)")
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=_evaluate)
+    from mamlext.bench import build_parser as add_bench_arguments
+
     bench = commands.add_parser("bench", help="benchmarks against the peers")
-    bench.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
-    bench.add_argument("--device", default=None)
-    bench.add_argument("--out", default="benchmarks/results", help="folder for CSV/Markdown/PNG")
+    add_bench_arguments(bench)
     bench.set_defaults(run=_bench)
     info = commands.add_parser("info", help="which kernel serves fused_sgd, and why")
     info.set_defaults(run=_info)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import mamlext
 from mamlext import bench
 from mamlext.bench import op, report
 
-PEERS = ("higher", "mamlext", "foreach loop", "torchmeta")
+PEERS = ("higher", "mamlext", "foreach loop", "torchmeta", "torchopt", "mamlext (checkpoint auto)")
 # One thread: the numbers of every worker (and the cached reference) come from the same
 # arithmetic, and a busy machine does not stall the OpenMP threads.
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -44,7 +45,7 @@ def test_every_peer_measured(rows):
 
 def test_meta_gradients_agree_with_higher(rows):
     assert rows["higher"]["err_f32"] == 0  # a second run of higher, bit for bit
-    for peer in ("mamlext", "foreach loop", "torchmeta"):
+    for peer in ("mamlext", "foreach loop", "torchmeta", "torchopt", "mamlext (checkpoint auto)"):
         assert rows[peer]["err_f32"] < 1e-4, rows[peer]
 
 
@@ -149,3 +150,83 @@ def test_op_benchmark_writes_csv_and_markdown(tmp_path, monkeypatch):
     page = md_path.read_text()
     assert "  \ndtype: float32, quick: True\n\n| config | T | elements |" in page, page
     assert page.count("\n| conv4 | 2 |") == len(rows)
+
+
+def _stat(pid: int | str) -> list[str]:
+    """``/proc/PID/stat`` after the command name: state, ppid, ..., utime at index 11."""
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"  # a zombie no longer runs
+    except OSError:
+        return False
+
+
+def _load_pids(parent: int) -> list[int]:
+    """Pids of the running load processes whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid, cmdline = int(_stat(entry.name)[1]), (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"torch.set_num_threads(1)" in cmdline:
+            found.append(int(entry.name))
+    return [pid for pid in found if _running(pid)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_background_load_runs_busy_processes_and_stops_them():
+    from mamlext.bench import load
+
+    with load.background_load(2):
+        time.sleep(2.0)
+        pids = _load_pids(os.getpid())
+        assert len(pids) == 2
+        assert all(int(_stat(p)[11]) > 0 for p in pids)  # busy: user CPU time by now
+    assert _load_pids(os.getpid()) == []
+    assert "2 single-threaded torch process" in load.describe(2)
+    with pytest.raises(ValueError, match="--load must be >= 0"), load.background_load(-1):
+        pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_load_processes_exit_when_the_benchmark_is_killed():
+    script = "import time\nfrom mamlext.bench import load\nwith load.background_load(1):\n"
+    script += "    print('up', flush=True)\n    time.sleep(600)\n"
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "up"
+    deadline = time.monotonic() + 30
+    while not _load_pids(parent.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (child,) = _load_pids(parent.pid)
+    parent.kill()  # SIGKILL: no finally block runs; the load process must notice by itself
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child), f"load process {child} outlived the killed benchmark"
+
+
+@pytest.mark.slow
+def test_memory_worker_rows_and_outputs(tmp_path):
+    """Two peers on the real worker processes: rows with numbers, the table and plot
+    written; a peer over the memory limit gets a row saying it ran out."""
+    from mamlext.bench import memory
+
+    rows = [
+        memory.run_worker(peer, 1, "cpu", limit_mb=memory.default_limit_mb(), timeout=600)
+        for peer in ("higher", "mamlext (checkpoint auto)")
+    ]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["median_ms"] > 0 and row["peak_mb"] >= 0, row
+    assert rows[-1]["path"] == "per-task"
+    out = memory.run_worker("higher", 1, "cpu", limit_mb=1.0, timeout=600)
+    assert out["status"] == "error" and "ran out of memory" in out["error"], out
+    table = memory.markdown([*rows, out])
+    assert table.count("\n") == len(rows) + 2 and "ran out of memory" in table
+    memory.plot(rows, tmp_path / "memory.png", "test")
+    assert (tmp_path / "memory.png").stat().st_size > 0

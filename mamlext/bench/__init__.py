@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from mamlext.bench import op
+from mamlext.bench import load, memory, op
 from mamlext.bench.configs import CONFIGS, FLOAT64_CONFIGS, FULL_CONFIGS, QUICK_CONFIGS, Config
 from mamlext.bench.peers import META_LR, PEERS, QUICK_PEERS, PeerUnavailable, plan
 from mamlext.bench.report import (
@@ -74,16 +74,19 @@ __all__ = [
 ]
 
 
-def header(device: str, quick: bool, configs: list[str]) -> str:
+def header(device: str, quick: bool, configs: list[str], load_processes: int = 0) -> str:
     """Machine, versions, commit, date, how each column is measured, the configs."""
     warmup, repeats = timing_plan(device, quick)
     cuda = torch.device(device).type == "cuda"
-    peers = ", ".join(f"{d} {dist_version(d)}" for d in ("higher", "torchmeta", "learn2learn"))
+    peers = ", ".join(
+        f"{d} {dist_version(d)}" for d in ("higher", "torchmeta", "learn2learn", "torchopt")
+    )
     lines = [
         op.machine_info(device),
         f"{package_line(IMPORT_ROOT)}, torch {torch.__version__}; {peers}",
         f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; mode: "
         f"{'quick' if quick else 'full'}",
+        load.describe(load_processes),
         f"step time: median of {repeats} second-order meta-training steps (Adam, lr {META_LR}) "
         f"after {warmup} warm-up, {'CUDA events' if cuda else 'perf_counter'}; each peer in a "
         "fresh process",
@@ -114,12 +117,29 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {device}: no CUDA device here")
     out, kind = Path(args.out), torch.device(device).type
     out.mkdir(parents=True, exist_ok=True)
-    configs, peers = getattr(args, "configs", None), getattr(args, "peers", None)
+    configs, peers = args.configs, args.peers
     pairs = plan(args.quick, configs, peers)
-    info = header(device, args.quick, list(dict.fromkeys(c for c, _ in pairs)))
+    load_processes = args.load
+    if args.memory:
+        info = "\n".join(
+            [
+                op.machine_info(device),
+                f"{package_line(IMPORT_ROOT)}, torch {torch.__version__}; "
+                + ", ".join(f"{d} {dist_version(d)}" for d in ("higher", "torchopt")),
+                f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+                load.describe(load_processes),
+            ]
+        )
+        with load.background_load(load_processes):
+            written = memory.main(args, info, out, device)
+        print(f"wrote {', '.join(written)} in {out}/ ({time.perf_counter() - started:.0f} s)")
+        return 0
+    info = header(device, args.quick, list(dict.fromkeys(c for c, _ in pairs)), load_processes)
     print(info, flush=True)
 
-    rows = run(device, args.quick, configs, peers, getattr(args, "timeout", None))
+    with load.background_load(load_processes):
+        rows = run(device, args.quick, configs, peers, args.timeout)
+        op_rows = None if args.skip_op else op.run(device, args.quick)
     table = markdown(rows)
     title = f"MAML meta-training step: mamlext vs peers ({kind})"
     (out / f"maml_{kind}.md").write_text(markdown_page(info, table, title))
@@ -128,9 +148,12 @@ def main(args: argparse.Namespace) -> int:
     written = [f"maml_{kind}.md", f"maml_{kind}.csv", f"maml_{kind}.png"]
 
     tables = [table]
-    if not getattr(args, "skip_op", False):
-        op_table = op.markdown(op.run(device, args.quick))
-        op_info = op.machine_info(device) + f"\ndtype: float32, quick: {args.quick}"
+    if op_rows is not None:
+        op_table = op.markdown(op_rows)
+        op_info = (
+            op.machine_info(device)
+            + f"\ndtype: float32, quick: {args.quick}\n{load.describe(load_processes)}"
+        )
         page = markdown_page(op_info, op_table, f"fused_sgd op ({kind})")
         (out / f"op_{kind}.md").write_text(page)
         tables.append(op_table)
@@ -141,9 +164,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The options of ``mamlext bench`` plus selections for focused runs."""
-    parser = argparse.ArgumentParser(description="MAML meta-training step: mamlext vs peers")
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The options of ``mamlext bench`` (added to ``parser`` when given)."""
+    if parser is None:
+        parser = argparse.ArgumentParser(description="MAML meta-training step: mamlext vs peers")
     parser.add_argument("--quick", action="store_true", help="CPU: configs A, B, C, minutes")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default="benchmarks/results", help="folder for MD/CSV/PNG")
@@ -151,4 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", nargs="+", choices=list(PEERS), help="only these")
     parser.add_argument("--timeout", type=float, help="seconds per (config, peer) subprocess")
     parser.add_argument("--skip-op", action="store_true", help="no fused_sgd op benchmark")
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy single-threaded background processes throughout (see bench/load.py)",
+    )
+    memory_options = parser.add_argument_group("--memory: peak memory against inner steps")
+    memory_options.add_argument(
+        "--memory", action="store_true", help="only the memory benchmark (bench/memory.py)"
+    )
+    memory_options.add_argument("--steps", type=int, nargs="+", help="inner steps K to sweep")
+    memory_options.add_argument("--memory-peers", nargs="+", choices=list(memory.MEMORY_PEERS))
+    memory_options.add_argument(
+        "--memory-limit", type=float, metavar="GB", help="stop a peer above this RSS"
+    )
     return parser
