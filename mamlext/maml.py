@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamlext.inner import inner_gradients
+from mamlext.inner_checkpoint import check_setting, checkpointed_inner_loop
 from mamlext.modules import batchable
 from mamlext.modules.module import MetaModule
-from mamlext.modules.norm import BatchNormPolicy
+from mamlext.modules.norm import BatchNormPolicy, MetaBatchNormBase
 from mamlext.ops import fused_sgd
 from mamlext.step_sizes import StepSizes
 
@@ -74,6 +75,13 @@ class MAML(nn.Module):
             ``None`` detects it: true for torch's functional losses (``F.cross_entropy``,
             ``F.mse_loss``, ...) and ``functools.partial`` of them that bind none of
             ``reduction``, ``weight``, ``ignore_index`` (whose mean is not the plain one).
+        inner_checkpoint: activation checkpointing of the inner loop (not the training
+            checkpoints of ``mamlext train``), for memory that does not grow with the
+            steps: ``None`` stores every inner step's graph until backward; an int ``n``
+            keeps only the state every ``n`` steps and recomputes each segment of ``n``
+            steps, with its graph, during backward (the same meta-gradient, one more
+            forward of each step); ``"auto"`` chooses ``n`` from the measured size of a
+            step's graph (see :mod:`mamlext.inner_checkpoint` and ``docs/memory.md``).
 
     Attributes:
         bn_policy: the :class:`~mamlext.BatchNormPolicy` that owns the BatchNorm
@@ -95,6 +103,7 @@ class MAML(nn.Module):
         allow_unused: bool = False,
         bn: str | None = "transductive",
         per_sample_loss: bool | None = None,
+        inner_checkpoint: int | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module) or not hasattr(model, "meta_named_parameters"):
@@ -128,6 +137,8 @@ class MAML(nn.Module):
             [meta[n] for n in self.adapted_names], step_size_mode, step_size, num_steps
         )
         self.bn_policy = BatchNormPolicy(model, bn, num_steps)
+        check_setting(inner_checkpoint)
+        self.inner_checkpoint = inner_checkpoint
 
     @property
     def bn(self) -> str | None:
@@ -324,17 +335,49 @@ class MAML(nn.Module):
         """``steps`` updates of the adapted parameters from ``start(meta-parameters)``."""
         # Adaptation needs gradients even when the caller evaluates under no_grad (meta-test);
         # the graph through them is kept only when the caller can backpropagate.
-        second_order = torch.is_grad_enabled() and not self.first_order
+        keeps_graph = torch.is_grad_enabled()
+        second_order = keeps_graph and not self.first_order
+        names = self.adapted_names
         with torch.enable_grad():
             fast = start(OrderedDict(self.model.meta_named_parameters()))
-            for step in range(steps):
-                with self.bn_policy.at_step(step):
-                    loss = support_loss(fast)
-                current = OrderedDict((name, fast[name]) for name in self.adapted_names)
-                grads = inner_gradients(loss, current, not second_order, self.allow_unused)
-                lrs = self.step_sizes.at(step)
-                fast.update(zip(current, fused_sgd(list(current.values()), grads, lrs)))
+
+            def step(adapted: list[Tensor], k: int, create_graph: bool) -> list[Tensor]:
+                params = OrderedDict(fast)
+                params.update(zip(names, adapted))
+                with self.bn_policy.at_step(k):
+                    loss = support_loss(params)
+                current = OrderedDict(zip(names, adapted))
+                grads = inner_gradients(loss, current, not create_graph, self.allow_unused)
+                return fused_sgd(adapted, grads, self.step_sizes.at(k))
+
+            adapted = [fast[name] for name in names]
+            if self.inner_checkpoint is None or not keeps_graph:
+                for k in range(steps):
+                    adapted = step(adapted, k, second_order)
+            else:
+                self._check_replayable()
+                inputs = [*self.model.parameters(), *self.step_sizes.parameters()]
+                adapted = checkpointed_inner_loop(
+                    step, adapted, steps, self.inner_checkpoint, second_order, inputs,
+                    self.bn_policy.replaying,
+                )  # fmt: skip
+            fast.update(zip(names, adapted))
         return fast
+
+    def _check_replayable(self) -> None:
+        """Refuse layers whose forward the recomputation in backward would repeat visibly."""
+        for name, module in self.model.named_modules():
+            foreign_bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+                module, MetaBatchNormBase
+            )
+            if foreign_bn and module.training and module.track_running_stats:
+                raise ValueError(
+                    f"inner_checkpoint: {name!r} is a {type(module).__name__} that updates its "
+                    "running statistics in every training forward, so the inner loop's "
+                    "recomputation during backward would update them twice; use mamlext's "
+                    "MetaBatchNorm (mamlext.modules.metafy converts a model) or "
+                    "track_running_stats=False"
+                )
 
     def _task_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Each task's mean loss, ``[T]``: one call over all tasks when the loss allows."""

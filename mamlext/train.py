@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from mamlext import distributed
 from mamlext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mamlext.data.tasks import Batch
+from mamlext.inner_checkpoint import check_setting
 from mamlext.maml import MAML
 from mamlext.models import conv4, mlp
 
@@ -76,6 +77,8 @@ class TrainConfig:
     first_order: bool = False
     algorithm: str = "maml"
     bn: str = "transductive"
+    # activation checkpointing of the inner loop (memory, not results): may change on resume
+    inner_checkpoint: int | str | None = _resumable(None)
     meta_lr: float = 1e-3
     # The schedule may change on resume only after the checkpoint's iteration.
     meta_lr_milestones: tuple[int, ...] = _resumable(())
@@ -141,6 +144,13 @@ class TrainConfig:
         config.meta_lr_milestones = tuple(sorted(config.meta_lr_milestones))
         if config.ways < 2 and not config.regression:
             raise ValueError("--ways must be >= 2")
+        try:
+            check_setting(config.inner_checkpoint)
+        except ValueError:
+            raise ValueError(
+                "--inner-checkpoint must be auto or a segment length in inner steps >= 1, got "
+                f"{config.inner_checkpoint!r}"
+            ) from None
         return config
 
 
@@ -181,6 +191,7 @@ def build_maml(config: TrainConfig) -> MAML:
         step_size_mode=modes.get(config.algorithm, "fixed"),
         adapt_params=head if config.algorithm == "anil" else None,
         bn=config.bn,
+        inner_checkpoint=config.inner_checkpoint,
     )
 
 

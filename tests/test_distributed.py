@@ -22,8 +22,10 @@ STEPS_SCRIPT = textwrap.dedent(
     world = World.from_environment("cpu")
     torch.manual_seed(0)
     model = conv4(ways=3, hidden=4, image_size=12).double()
+    segment = os.environ.get("INNER_CHECKPOINT")
     maml = mamlext.MAML(model, step_size=0.3, num_steps=2, bn=sys.argv[1],
-                        step_size_mode=sys.argv[2]).double()
+                        step_size_mode=sys.argv[2],
+                        inner_checkpoint=int(segment) if segment else None).double()
     world.broadcast_parameters(maml)
     # SGD: Adam would turn the rounding noise of the (mathematically zero) gradient of a
     # conv bias before BatchNorm into full-size steps
@@ -95,9 +97,19 @@ def launch(world_size, args, extra_env=None, timeout=300, script=STEPS_SCRIPT):
     ],
 )
 def test_two_processes_equal_one_process_on_the_combined_meta_batch(tmp_path, bn, mode, tasks):
+    assert_two_equal_one(tmp_path, bn, mode, tasks)
+
+
+def test_two_checkpointed_processes_equal_one_storing_process(tmp_path):
+    """Inner-loop checkpointing (recomputed in each rank's backward) with per-step
+    statistics and rates: the job equals one process that stores the inner loop's graph."""
+    assert_two_equal_one(tmp_path, "per_step", "per_layer_per_step", 3, {"INNER_CHECKPOINT": "1"})
+
+
+def assert_two_equal_one(tmp_path, bn, mode, tasks, two_env=None):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    for world_size, out in ((1, one), (2, two)):
-        for code, _, err in launch(world_size, [bn, mode, str(out), str(tasks)]):
+    for world_size, out, env in ((1, one, None), (2, two, two_env)):
+        for code, _, err in launch(world_size, [bn, mode, str(out), str(tasks)], env):
             assert code == 0, err
     a, b = torch.load(one), torch.load(two)
     assert a.keys() == b.keys()

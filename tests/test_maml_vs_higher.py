@@ -61,12 +61,14 @@ def first_order_reference(plain, xs, ys, xq, yq, steps, lrs_per_step):
     return torch.stack(losses), adapted
 
 
-def compare(name, tasks, steps, first_order, batched, step_size_mode="fixed"):
+def compare(
+    name, tasks, steps, first_order, batched, step_size_mode="fixed", inner_checkpoint=None
+):
     plain, meta, make_input = twins(name)
     xs, ys, xq, yq = episode(make_input, tasks)
     maml = mamlext.MAML(
         meta, step_size=0.3, num_steps=steps, first_order=first_order,
-        step_size_mode=step_size_mode, batched=batched,
+        step_size_mode=step_size_mode, batched=batched, inner_checkpoint=inner_checkpoint,
     ).to(F64)  # fmt: skip
     # learned rates start away from their initial value, so a mix-up would show
     learned = maml.step_sizes.rates
@@ -131,6 +133,17 @@ def test_maml_equals_higher(name, first_order, steps, tasks, batched):
 @pytest.mark.parametrize("name", ["conv-batchnorm2d", "mlp-layernorm"])
 def test_learned_step_sizes_equal_higher(name, mode, batched):
     compare(name, tasks=3, steps=3, first_order=False, batched=batched, step_size_mode=mode)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-task"])
+@pytest.mark.parametrize("segment", [1, 2, 3])
+@pytest.mark.parametrize("steps", range(1, 8))
+@pytest.mark.parametrize("name", ["conv-batchnorm2d", "mlp-layernorm"])
+def test_inner_checkpointing_equals_higher(name, steps, segment, batched):
+    """The recomputed inner loop (mamlext.inner_checkpoint) against higher's stored graph."""
+    compare(
+        name, tasks=2, steps=steps, first_order=False, batched=batched, inner_checkpoint=segment
+    )
 
 
 @pytest.mark.parametrize("name", list(MODELS))

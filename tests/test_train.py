@@ -94,6 +94,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert ra == rb
 
 
+def test_inner_checkpointing_trains_as_the_stored_graph_and_resumes_with_it(tmp_path):
+    """``--inner-checkpoint`` changes memory, not results: the same metrics (to float32
+    roundoff) as the run that stores the graph; a run may be resumed with it switched on."""
+    stored, checkpointed, part = tmp_path / "stored", tmp_path / "ckpt", tmp_path / "part"
+    options = dict(iterations=12, eval_every=6, eval_tasks=10, inner_steps=3)
+    train(quiet(**options, out=str(stored)))
+    train(quiet(**options, out=str(checkpointed), inner_checkpoint="auto"))
+    train(quiet(**{**options, "iterations": 6}, out=str(part)))
+    train(quiet(**options, out=str(part), inner_checkpoint=2, resume=True))
+    reference = read_metrics(stored)
+    for run in (checkpointed, part):
+        records = read_metrics(run)
+        assert [r["iteration"] for r in records] == [r["iteration"] for r in reference]
+        for a, b in zip(reference, records):
+            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+
+
 def test_resume_after_a_crash_drops_the_records_past_the_checkpoint(tmp_path):
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(quiet(iterations=20, eval_every=10, eval_tasks=10, out=str(whole)))
@@ -229,6 +246,7 @@ def cli(*args: str):
         (["train", "--iterations", "0"], "--iterations must be >= 1"),
         (["train", "--meta-lr-milestones", "0"], "--meta-lr-milestones must be >= 1"),
         (["train", "--periodic-eval-tasks", "0"], "--periodic-eval-tasks must be >= 1"),
+        (["train", "--inner-checkpoint", "0"], "--inner-checkpoint must be auto or a segment"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message):

@@ -57,7 +57,8 @@ class MetaBatchNormBase(MetaModule):
         weight, bias = self.meta_param(params, "weight"), self.meta_param(params, "bias")
         policy = self.bn_policy
         if policy is None or policy.name is None:
-            return self._torch_forward(input, weight, bias)
+            update = policy is None or not policy.replaying_now
+            return self._torch_forward(input, weight, bias, update)
         running = policy.running_statistics(self)
         out = self._normalise(input, weight, bias, running)
         if running is None:
@@ -88,19 +89,26 @@ class MetaBatchNormBase(MetaModule):
         out = F.batch_norm(x, mean, var, flat_w, flat_b, running is None, 0.0, self.eps)
         return out.unflatten(1, (num_tasks, -1)).transpose(0, 1)
 
-    def _torch_forward(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """``nn.BatchNorm``'s semantics; task-batched, the update uses the mean over tasks."""
+    def _torch_forward(
+        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, update: bool = True
+    ) -> Tensor:
+        """``nn.BatchNorm``'s semantics; task-batched, the update uses the mean over tasks.
+
+        ``update=False``: the running statistics are read as usual but not updated.
+        """
         if task_count() is None:
-            return self._torch_batch_norm(input, weight, bias)
+            return self._torch_batch_norm(input, weight, bias, update)
         use_running = not self.training and self.track_running_stats
         running = (self.running_mean, self.running_var) if use_running else None
         out = self._normalise(input, weight, bias, running)
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and update:
             self._torch_update(*_task_stats(input.detach()))
         return out
 
-    def _torch_batch_norm(self, input, weight, bias):
+    def _torch_batch_norm(self, input, weight, bias, update: bool = True):
         """``nn.BatchNorm``'s forward with the given affine parameters."""
+        if self.training and not update:  # batch statistics, the running ones untouched
+            return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -164,6 +172,7 @@ class BatchNormPolicy:
         self._name: str | None = None
         self._step: int | None = None  # inner step of the forwards in progress; None: query
         self._records: dict | None = None  # {layer: {row: [(mean [n, C], var [n, C])]}}
+        self._replaying = False
         self.set(name)
 
     @property
@@ -282,6 +291,24 @@ class BatchNormPolicy:
         finally:
             self._records = outer
         self._commit(records)
+
+    @property
+    def replaying_now(self) -> bool:
+        """Whether the forwards in progress are a recomputation (see :meth:`replaying`)."""
+        return self._replaying
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """The enclosed forwards repeat ones already done (the inner-loop recomputation of
+        :mod:`mamlext.inner_checkpoint`): they record no statistics and update no running
+        statistics (``nn.BatchNorm``'s own updates with ``name=None`` included).
+        """
+        outer = self._records, self._replaying
+        self._records, self._replaying = None, True
+        try:
+            yield
+        finally:
+            self._records, self._replaying = outer
 
     def running_statistics(self, layer: MetaBatchNormBase) -> tuple[Tensor, Tensor] | None:
         """``(mean, var)`` ``[C]`` that ``layer`` normalises with now; ``None``: batch statistics."""
