@@ -45,6 +45,7 @@ from mamlext.bench.report import (
     EXACT_F32,
     add_speedups,
     dist_version,
+    machine_info,
     markdown,
     markdown_page,
     package_line,
@@ -123,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     if args.memory:
         info = "\n".join(
             [
-                op.machine_info(device),
+                machine_info(device),
                 f"{package_line(IMPORT_ROOT)}, torch {torch.__version__}; "
                 + ", ".join(f"{d} {dist_version(d)}" for d in ("higher", "torchopt")),
                 f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
