@@ -12,6 +12,7 @@ from torch import nn
 
 import mamlext
 from mamlext import modules as mm
+from mamlext.bench.memory import SavedTensorMeter
 from mamlext.inner_checkpoint import auto_segment_length
 from tests.models import F64, conv_bn
 
@@ -187,54 +188,14 @@ def test_auto_segment_length_minimises_the_modelled_peak():
     assert auto_segment_length(100, 1, 100) == 1  # activations >> state: recompute every step
 
 
-class SavedBytes:
-    """Saved-tensor hooks that track the bytes held for backward (by storage) and their peak.
-
-    A storage saved by several nodes counts once; it is freed when its last packed handle is.
-    """
-
-    def __init__(self):
-        self.alive, self.now, self.peak = {}, 0, 0
-
-    def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        count = self.alive.get(key, (0, size))[0]
-        if count == 0:
-            self.now += size
-            self.peak = max(self.peak, self.now)
-        self.alive[key] = (count + 1, size)
-        return _Handle(self, key, tensor)
-
-    @staticmethod
-    def unpack(handle):
-        return handle.tensor
-
-    def release(self, key):
-        count, size = self.alive[key]
-        if count == 1:
-            del self.alive[key]
-            self.now -= size
-        else:
-            self.alive[key] = (count - 1, size)
-
-
-class _Handle:
-    def __init__(self, meter, key, tensor):
-        self.meter, self.key, self.tensor = meter, key, tensor
-
-    def __del__(self):
-        self.meter.release(self.key)
-
-
 def peak_saved_bytes(steps, segment):
     """Peak bytes saved for backward over one second-order meta-training step."""
     torch.manual_seed(0)
     model = conv_bn(meta=True, channels=8)
     maml = mamlext.MAML(model, num_steps=steps, inner_checkpoint=segment, batched=True).to(F64)
     xs, ys, xq, yq = episode(tasks=2)
-    meter = SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+    meter = SavedTensorMeter()
+    with meter.hooks():
         loss, _ = maml(xs, ys, xq, yq)
         loss.backward()
         del loss

@@ -188,6 +188,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--memory", action="store_true", help="only the memory benchmark (bench/memory.py)"
     )
     memory_options.add_argument("--steps", type=int, nargs="+", help="inner steps K to sweep")
+    memory_options.add_argument(
+        "--saved", action="store_true", help="bytes saved for backward on one task, not RSS"
+    )
     memory_options.add_argument("--memory-peers", nargs="+", choices=list(memory.MEMORY_PEERS))
     memory_options.add_argument(
         "--memory-limit", type=float, metavar="GB", help="stop a peer above this RSS"

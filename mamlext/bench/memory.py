@@ -50,6 +50,64 @@ def _build(peer: str, cfg, batch):
     return MEMORY_PEERS[peer](cfg, batch)
 
 
+class SavedTensorMeter:
+    """Saved-tensor hooks that track the bytes held for backward and their peak.
+
+    Counted by storage: a storage saved by several graph nodes counts once, and is
+    released when its last handle is. Independent of the memory allocator (unlike RSS).
+    """
+
+    def __init__(self) -> None:
+        self.alive: dict[int, list[int]] = {}  # storage pointer: [handles, bytes]
+        self.now = self.peak = 0
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        entry = self.alive.setdefault(key, [0, storage.nbytes()])
+        if entry[0] == 0:
+            self.now += entry[1]
+            self.peak = max(self.peak, self.now)
+        entry[0] += 1
+        return _Saved(self, key, tensor)
+
+    def _release(self, key: int) -> None:
+        entry = self.alive[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.now -= entry[1]
+            del self.alive[key]
+
+
+class _Saved:
+    def __init__(self, meter: SavedTensorMeter, key: int, tensor: torch.Tensor) -> None:
+        self.meter, self.key, self.tensor = meter, key, tensor
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+def _unpack(saved: _Saved) -> torch.Tensor:
+    return saved.tensor
+
+
+def measure_saved(peer: str, steps: int, device: str) -> dict:
+    """One row: the peak MB saved for backward over a meta-step on one task of config C."""
+    cfg = dataclasses.replace(CONFIGS[CONFIG], steps=steps, tasks=1)
+    row: dict = {"peer": peer, "steps": steps, "status": "ok"}
+    try:
+        built = _build(peer, cfg, make_batch(cfg, torch.device(device), torch.float32))
+    except PeerUnavailable as error:
+        return {**row, "status": "unavailable", "error": str(error)}
+    meter = SavedTensorMeter()
+    with meter.hooks():
+        built.step()
+    return {**row, "saved_mb": meter.peak / 2**20, "path": built.path}
+
+
 def measure(peer: str, steps: int, device: str) -> dict:
     """One row: the median ms and peak MB of meta-steps with ``steps`` inner steps."""
     dev = torch.device(device)
@@ -76,9 +134,10 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("peer", choices=list(MEMORY_PEERS))
     parser.add_argument("steps", type=int)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--saved", action="store_true", help="saved-for-backward bytes only")
     a = parser.parse_args(argv)
     try:
-        row = measure(a.peer, a.steps, a.device)
+        row = (measure_saved if a.saved else measure)(a.peer, a.steps, a.device)
     except Exception as error:
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         row = {"peer": a.peer, "steps": a.steps, "status": "error", "error": message}
@@ -86,10 +145,12 @@ def worker_main(argv: list[str]) -> int:
     return 0
 
 
-def run_worker(peer: str, steps: int, device: str, limit_mb: float, timeout: float) -> dict:
+def run_worker(
+    peer: str, steps: int, device: str, limit_mb: float, timeout: float, saved: bool = False
+) -> dict:
     """One row from a fresh process, stopped when its RSS exceeds ``limit_mb``."""
     command = [sys.executable, "-m", "mamlext.bench", "--memory-worker", peer, str(steps)]
-    command += ["--device", device]
+    command += ["--device", device] + (["--saved"] if saved else [])
     path = os.pathsep.join(filter(None, [str(IMPORT_ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     row = {"peer": peer, "steps": steps}
@@ -144,6 +205,7 @@ COLUMNS = {
     "median_ms": ("ms / meta-step", "{:.0f}"),
     "ms_per_step": ("ms / inner step", "{:.0f}"),
     "peak_mb": ("peak MB", "{:.0f}"),
+    "saved_mb": ("saved for backward, peak MB (1 task)", "{:.1f}"),
     "note": ("note", "{}"),
 }
 
@@ -185,31 +247,47 @@ def _steps(row: dict) -> int:
 
 
 def main(args: argparse.Namespace, info: str, out: Path, device: str) -> list[str]:
-    """Every (peer, K) row; writes ``memory_{kind}.md``, ``.csv``, ``.png`` into ``out``."""
+    """Every (peer, K) row; writes ``memory_{kind}.md``, ``.csv``, ``.png`` into ``out``.
+
+    ``args.saved``: instead, the peak bytes saved for backward on one task of the config
+    (saved-tensor hooks, independent of the allocator): ``memory_saved_{kind}.*``.
+    """
     kind = torch.device(device).type
     steps = args.steps or list(STEPS)
     peers = args.memory_peers or list(MEMORY_PEERS)
     limit = args.memory_limit * 1024 if args.memory_limit else default_limit_mb()
     timeout = args.timeout or 1800
     describe = dataclasses.replace(CONFIGS[CONFIG], steps=0).describe().replace(", 0 step(s)", "")
-    info += (
-        f"\nconfig: {describe}, second order, K inner steps"
-        f"\neach (peer, K) in a fresh process: one warm-up meta-step at K = 1, then the median "
-        f"of 3 meta-steps (K <= 5) or 1; memory limit {limit / 1024:.1f} GB, timeout "
-        f"{timeout:.0f} s"
-    )
+    info += f"\nconfig: {describe}, second order, K inner steps"
+    if args.saved:
+        info += (
+            "\neach (peer, K) in a fresh process: one meta-step on the first task alone; the "
+            "peak of the bytes saved for backward alive at once (saved-tensor hooks, by storage)"
+        )
+    else:
+        info += (
+            "\neach (peer, K) in a fresh process: one warm-up meta-step at K = 1, then the "
+            f"median of 3 meta-steps (K <= 5) or 1; memory limit {limit / 1024:.1f} GB, "
+            f"timeout {timeout:.0f} s"
+        )
     print(info, flush=True)
     rows = []
     for k in steps:
         for peer in peers:
-            row = run_worker(peer, k, device, limit, timeout)
+            row = run_worker(peer, k, device, limit, timeout, saved=args.saved)
             rows.append(row)
-            shown = {key: row.get(key) for key in ("median_ms", "peak_mb", "error") if row.get(key)}
+            keys = ("median_ms", "peak_mb", "saved_mb", "error")
+            shown = {key: row.get(key) for key in keys if row.get(key)}
             print(f"[K={k}] {peer}: {shown}", flush=True)
     table = markdown(rows)
-    title = f"Peak memory and time against inner steps: config {CONFIG} ({kind})"
-    (out / f"memory_{kind}.md").write_text(markdown_page(info, table, title))
-    write_table_csv(rows, out / f"memory_{kind}.csv", [*COLUMNS, "status", "error"])
-    plot(rows, out / f"memory_{kind}.png", title)
+    name = f"memory_saved_{kind}" if args.saved else f"memory_{kind}"
+    what = "Memory saved for backward" if args.saved else "Peak memory and time"
+    title = f"{what} against inner steps: config {CONFIG} ({kind})"
+    (out / f"{name}.md").write_text(markdown_page(info, table, title))
+    write_table_csv(rows, out / f"{name}.csv", [*COLUMNS, "status", "error"])
+    written = [f"{name}.md", f"{name}.csv"]
+    if not args.saved:
+        plot(rows, out / f"{name}.png", title)
+        written.append(f"{name}.png")
     print("\n" + table + "\n")
-    return [f"memory_{kind}.md", f"memory_{kind}.csv", f"memory_{kind}.png"]
+    return written
