@@ -137,8 +137,18 @@ class MAML(nn.Module):
             [meta[n] for n in self.adapted_names], step_size_mode, step_size, num_steps
         )
         self.bn_policy = BatchNormPolicy(model, bn, num_steps)
-        check_setting(inner_checkpoint)
         self.inner_checkpoint = inner_checkpoint
+
+    @property
+    def inner_checkpoint(self) -> int | str | None:
+        """The inner loop's activation checkpointing: ``None``, ``"auto"`` or a segment length;
+        may change between calls (it changes memory and time, not results)."""
+        return self._inner_checkpoint
+
+    @inner_checkpoint.setter
+    def inner_checkpoint(self, setting: int | str | None) -> None:
+        check_setting(setting)
+        self._inner_checkpoint = setting
 
     @property
     def bn(self) -> str | None:

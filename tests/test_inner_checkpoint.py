@@ -169,8 +169,12 @@ def test_plain_batchnorm_running_statistics_are_refused():
 
 @pytest.mark.parametrize("bad", [0, -2, "sqrt", True, 1.5, "1"])
 def test_bad_settings_are_a_clear_error(bad):
-    with pytest.raises(ValueError, match="inner_checkpoint must be None .* 'auto', or a segment"):
+    message = "inner_checkpoint must be None .* 'auto', or a segment"
+    with pytest.raises(ValueError, match=message):
         mamlext.MAML(conv_bn(meta=True), inner_checkpoint=bad)
+    maml = mamlext.MAML(conv_bn(meta=True))
+    with pytest.raises(ValueError, match=message):
+        maml.inner_checkpoint = bad
 
 
 def test_auto_segment_length_minimises_the_modelled_peak():

@@ -261,7 +261,7 @@ def main(args: argparse.Namespace, info: str, out: Path, device: str) -> list[st
     info += f"\nconfig: {describe}, second order, K inner steps"
     if args.saved:
         info += (
-            "\neach (peer, K) in a fresh process: one meta-step on the first task alone; the "
+            "\neach (peer, K) in a fresh process: one meta-step on a batch of one task; the "
             "peak of the bytes saved for backward alive at once (saved-tensor hooks, by storage)"
         )
     else:
