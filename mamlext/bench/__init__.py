@@ -75,16 +75,19 @@ __all__ = [
 ]
 
 
+def versions_line(peers: tuple[str, ...]) -> str:
+    """mamlext's version (and commit), torch's, and those of the peer distributions."""
+    versions = ", ".join(f"{d} {dist_version(d)}" for d in peers)
+    return f"{package_line(IMPORT_ROOT)}, torch {torch.__version__}; {versions}"
+
+
 def header(device: str, quick: bool, configs: list[str], load_processes: int = 0) -> str:
     """Machine, versions, commit, date, how each column is measured, the configs."""
     warmup, repeats = timing_plan(device, quick)
     cuda = torch.device(device).type == "cuda"
-    peers = ", ".join(
-        f"{d} {dist_version(d)}" for d in ("higher", "torchmeta", "learn2learn", "torchopt")
-    )
     lines = [
         op.machine_info(device),
-        f"{package_line(IMPORT_ROOT)}, torch {torch.__version__}; {peers}",
+        versions_line(("higher", "torchmeta", "learn2learn", "torchopt")),
         f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; mode: "
         f"{'quick' if quick else 'full'}",
         load.describe(load_processes),
@@ -125,8 +128,7 @@ def main(args: argparse.Namespace) -> int:
         info = "\n".join(
             [
                 machine_info(device),
-                f"{package_line(IMPORT_ROOT)}, torch {torch.__version__}; "
-                + ", ".join(f"{d} {dist_version(d)}" for d in ("higher", "torchopt")),
+                versions_line(("higher", "torchopt")),
                 f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
                 load.describe(load_processes),
             ]

@@ -18,11 +18,9 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import subprocess
-import sys
+import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +29,14 @@ from mamlext.bench.configs import CONFIGS, make_batch
 from mamlext.bench.op import median_ms
 from mamlext.bench.peers import PEERS, PeerUnavailable, build_mamlext
 from mamlext.bench.report import markdown_page, markdown_table, write_table_csv
-from mamlext.bench.worker import IMPORT_ROOT, MemoryMeter
+from mamlext.bench.worker import (
+    IMPORT_ROOT,
+    MemoryMeter,
+    proc_status_mb,
+    worker_command,
+    worker_env,
+    worker_row,
+)
 
 CONFIG = "C"
 STEPS = (1, 5, 10, 25, 50, 100)
@@ -39,7 +44,7 @@ MEMORY_PEERS = {
     "higher": PEERS["higher"],
     "torchopt": PEERS["torchopt"],
     "mamlext": PEERS["mamlext"],
-    "mamlext (checkpoint auto)": partial(build_mamlext, inner_checkpoint="auto"),
+    "mamlext (checkpoint auto)": PEERS["mamlext (checkpoint auto)"],
     "mamlext (checkpoint sqrt K)": None,  # built per K: inner_checkpoint=ceil(sqrt(K))
 }
 
@@ -149,43 +154,30 @@ def run_worker(
     peer: str, steps: int, device: str, limit_mb: float, timeout: float, saved: bool = False
 ) -> dict:
     """One row from a fresh process, stopped when its RSS exceeds ``limit_mb``."""
-    command = [sys.executable, "-m", "mamlext.bench", "--memory-worker", peer, str(steps)]
-    command += ["--device", device] + (["--saved"] if saved else [])
-    path = os.pathsep.join(filter(None, [str(IMPORT_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
+    args = ["--memory-worker", peer, str(steps), "--device", device] + (
+        ["--saved"] if saved else []
+    )
     row = {"peer": peer, "steps": steps}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        cwd=IMPORT_ROOT,
-    )  # fmt: skip
-    began, stopped = time.monotonic(), None
-    while process.poll() is None:
-        if _rss_mb(process.pid) > limit_mb:
-            stopped = f"ran out of memory (RSS over the {limit_mb / 1024:.1f} GB limit)"
-        elif time.monotonic() - began > timeout:
-            stopped = f"timed out after {timeout:.0f} s"
-        if stopped:
-            process.kill()
-            process.wait()
-            return {**row, "status": "error", "error": stopped}
-        time.sleep(0.2)
-    out, err = process.communicate()
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    if lines:
-        return json.loads(lines[-1])
-    tail = (err.strip().splitlines() or ["no output"])[-1]
-    return {**row, "status": "error", "error": f"worker exited with {process.returncode}: {tail}"}
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:  # gone, or not Linux
-        pass
-    return 0.0
+    # Output to files, not pipes: nothing reads a pipe while the loop below polls.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            worker_command(args), stdout=out, stderr=err, text=True, env=worker_env(),
+            cwd=IMPORT_ROOT,
+        )  # fmt: skip
+        began, stopped = time.monotonic(), None
+        while process.poll() is None:
+            if (proc_status_mb("VmRSS", process.pid) or 0.0) > limit_mb:
+                stopped = f"ran out of memory (RSS over the {limit_mb / 1024:.1f} GB limit)"
+            elif time.monotonic() - began > timeout:
+                stopped = f"timed out after {timeout:.0f} s"
+            if stopped:
+                process.kill()
+                process.wait()
+                return {**row, "status": "error", "error": stopped}
+            time.sleep(0.2)
+        out.seek(0)
+        err.seek(0)
+        return worker_row(row, out.read(), err.read(), process.returncode)
 
 
 def default_limit_mb() -> float:
@@ -223,7 +215,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for peer in dict.fromkeys(r["peer"] for r in rows):
-        done = sorted((r for r in rows if r["peer"] == peer and r.get("peak_mb")), key=_steps)
+        done = sorted(
+            (r for r in rows if r["peer"] == peer and r.get("peak_mb")), key=lambda r: r["steps"]
+        )
         if not done:
             continue
         ks = [r["steps"] for r in done]
@@ -240,10 +234,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _steps(row: dict) -> int:
-    return row["steps"]
 
 
 def main(args: argparse.Namespace, info: str, out: Path, device: str) -> list[str]:

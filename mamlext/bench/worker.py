@@ -56,7 +56,7 @@ class MemoryMeter:
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        peak = _hwm_mb() if self.reset else None
+        peak = proc_status_mb("VmHWM") if self.reset else None
         if peak is None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return peak - self.baseline
@@ -67,11 +67,15 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _hwm_mb() -> float | None:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+def proc_status_mb(field: str, pid: int | str = "self") -> float | None:
+    """A ``kB`` field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``) in MB; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # the process is gone, or no /proc here
+        pass
     return None
 
 
@@ -167,23 +171,38 @@ def run_worker(
 
     ``env``: extra environment variables of the worker (e.g. ``OMP_NUM_THREADS``).
     """
-    command = [sys.executable, "-m", "mamlext.bench", "--worker", config, peer]
+    command = ["--worker", config, peer]
     command += ["--device", device, "--warmup", str(warmup), "--repeats", str(repeats)]
     command += ["--ref-dir", ref_dir] if ref_dir else []
-    path = os.pathsep.join(filter(None, [str(IMPORT_ROOT), os.environ.get("PYTHONPATH")]))
-    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     row = {"config": config, "peer": peer}
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=IMPORT_ROOT
-        )
+            worker_command(command), capture_output=True, text=True, timeout=timeout,
+            env=worker_env(env), cwd=IMPORT_ROOT,
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         return {**row, "status": "error", "error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return worker_row(row, done.stdout, done.stderr, done.returncode)
+
+
+def worker_command(args: list[str]) -> list[str]:
+    """``python -m mamlext.bench ARGS``: a worker of the benchmark in a fresh interpreter."""
+    return [sys.executable, "-m", "mamlext.bench", *args]
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, importing the same mamlext (:data:`IMPORT_ROOT`), plus ``extra``."""
+    path = os.pathsep.join(filter(None, [str(IMPORT_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+def worker_row(row: dict, stdout: str, stderr: str, returncode: int) -> dict:
+    """The worker's JSON row (its last ``{`` line), or ``row`` with its exit and last error line."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if lines:
         return json.loads(lines[-1])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {**row, "status": "error", "error": f"worker exited with {done.returncode}: {tail}"}
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    return {**row, "status": "error", "error": f"worker exited with {returncode}: {tail}"}
 
 
 def timing_plan(device: str, quick: bool) -> tuple[int, int]:
