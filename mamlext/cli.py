@@ -32,7 +32,38 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--step-size", type=float, help="inner learning rate (initial value when learned)")
     a("--first-order", action="store_true", help="drop second-order terms (FOMAML)")
     a("--algorithm", default=d.algorithm, help=f"one of {', '.join(ALGORITHMS)}")
-    a("--bn", default=d.bn, help="BatchNorm policy: transductive | per_step | running")
+    a(
+        "--bn",
+        help="BatchNorm policy: transductive | per_step | running (default: transductive; "
+        "mamlpp: per_step)",
+    )
+    a(
+        "--bn-per-step-weights",
+        action=argparse.BooleanOptionalAction,
+        help="MAML++'s BNWB: a learned BatchNorm weight and bias per inner step (default: "
+        "on for mamlpp on Omniglot)",
+    )
+    a(
+        "--multi-step-loss",
+        type=int,
+        metavar="N",
+        help="MAML++'s multi-step loss: weight the query losses after every inner step, "
+        "annealed towards the last step over the first N iterations (0: off; mamlpp: 5000)",
+    )
+    a(
+        "--multi-step-loss-floor",
+        type=float,
+        default=d.multi_step_loss_floor,
+        help="the multi-step loss keeps each earlier step's weight >= this / inner steps",
+    )
+    a(
+        "--first-order-until",
+        type=int,
+        default=d.first_order_until,
+        metavar="N",
+        help="derivative-order annealing: first-order meta-gradients for the first N "
+        "iterations, second order after",
+    )
     a(
         "--inner-checkpoint",
         type=_segment_length,
@@ -42,6 +73,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "(activation checkpointing, not the run's checkpoint.pt; docs/memory.md)",
     )
     a("--meta-lr", type=float, default=d.meta_lr, help="Adam learning rate of the outer loop")
+    a(
+        "--meta-lr-schedule",
+        help="milestones (default: constant unless --meta-lr-milestones) | cosine (to "
+        "--meta-lr-min over the run; mamlpp's default)",
+    )
+    a(
+        "--meta-lr-min",
+        type=float,
+        default=d.meta_lr_min,
+        help="the last outer learning rate of --meta-lr-schedule cosine",
+    )
     a(
         "--meta-lr-milestones",
         type=int,

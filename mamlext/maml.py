@@ -11,15 +11,20 @@ For tasks :math:`t = 1..T` with support set :math:`S_t` and query set :math:`Q_t
 ``loss.backward()`` gives the exact meta-gradient (second order unless ``first_order``)
 with respect to :math:`\theta` and, when learned, the step sizes :math:`\alpha`.
 Variants: FOMAML (``first_order=True``), Meta-SGD (``step_size_mode="per_element"``),
-MAML++ per-layer per-step rates (``"per_layer_per_step"``), ANIL (``adapt_params``).
+ANIL (``adapt_params``), and MAML++'s pieces: per-layer per-step rates
+(``"per_layer_per_step"``), per-step BatchNorm statistics (``bn="per_step"``) and weights
+(``bn_per_step_weights``), the multi-step loss (``step_weights``: :math:`\sum_k w_k
+\mathcal{L}(f_{\theta_t^{(k)}}, Q_t)` over the steps :math:`k = 1..K`), and
+derivative-order annealing (``first_order`` may change between calls).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +39,7 @@ from mamlext.ops import fused_sgd
 from mamlext.step_sizes import StepSizes
 
 LossFn = Callable[..., Tensor]
+AfterStep = Callable[[int, "OrderedDict[str, Tensor]"], None]
 # Measured on a 2-core CPU (benchmarks/RESULTS.md): batching all tasks wins on MAML's
 # Omniglot 5-way 1-shot setting (10 samples per task) and loses from ~40 samples per task.
 CPU_BATCHED_MAX_SAMPLES = 16
@@ -75,6 +81,9 @@ class MAML(nn.Module):
             ``None`` detects it: true for torch's functional losses (``F.cross_entropy``,
             ``F.mse_loss``, ...) and ``functools.partial`` of them that bind none of
             ``reduction``, ``weight``, ``ignore_index`` (whose mean is not the plain one).
+        bn_per_step_weights: MAML++'s BNWB: every Meta BatchNorm layer learns one weight
+            and bias per inner step and one for the query pass (see
+            :class:`~mamlext.BatchNormPolicy`), in the outer loop only.
         inner_checkpoint: activation checkpointing of the inner loop (not the training
             checkpoints of ``mamlext train``), for memory that does not grow with the
             steps: ``None`` stores every inner step's graph until backward; an int ``n``
@@ -103,6 +112,7 @@ class MAML(nn.Module):
         allow_unused: bool = False,
         bn: str | None = "transductive",
         per_sample_loss: bool | None = None,
+        bn_per_step_weights: bool = False,
         inner_checkpoint: int | str | None = None,
     ) -> None:
         super().__init__()
@@ -131,12 +141,18 @@ class MAML(nn.Module):
                 "batched=True needs a model built only from mamlext's Meta layers and per-sample "
                 "modules (a custom forward cannot be task-batched); use batched='auto' or False"
             )
+        # The policy first: per-step BatchNorm weights replace the layers' own.
+        self.bn_policy = BatchNormPolicy(model, bn, num_steps, bn_per_step_weights)
         meta = OrderedDict(model.meta_named_parameters())
-        self.adapted_names = _select(meta, adapt_params)
+        learned_outside = set(self.bn_policy.per_step_weight_names())
+        self.adapted_names = [n for n in _select(meta, adapt_params) if n not in learned_outside]
+        if not self.adapted_names:
+            raise ValueError(
+                "adapt_params selects only per-step BatchNorm weights, which are never adapted"
+            )
         self.step_sizes = StepSizes(
             [meta[n] for n in self.adapted_names], step_size_mode, step_size, num_steps
         )
-        self.bn_policy = BatchNormPolicy(model, bn, num_steps)
         self.inner_checkpoint = inner_checkpoint
 
     @property
@@ -200,22 +216,31 @@ class MAML(nn.Module):
         query_x: Tensor,
         query_y: Tensor,
         num_steps: int | None = None,
+        step_weights: Sequence[float] | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Adapt on the support sets and evaluate on the query sets.
+        r"""Adapt on the support sets and evaluate on the query sets.
+
+        Args:
+            step_weights: the multi-step loss (MAML++'s MSL): ``K`` weights :math:`w_k`, one
+                per inner step of this call; the loss is then :math:`\sum_k w_k` times the
+                query loss after step ``k`` (``mamlext.schedules.multi_step_weights``: the
+                paper's schedule). ``None``: the query loss after the last step alone.
 
         Returns:
             ``(loss, outputs)``: the query loss averaged over tasks (backward gives the
-            meta-gradient) and the query outputs ``[T, Nq, ...]``.
+            meta-gradient) and the query outputs ``[T, Nq, ...]`` after the last step.
         """
         _check_tasks(
             self.model, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y
         )
         versions = {name: p._version for name, p in self.model.named_parameters()}
         batched = self.use_batched(support_x, query_x)
+        steps = self._steps(num_steps)
+        weights = self._step_weights(step_weights, steps)
         self._check_modes()
         with self.bn_policy.meta_batch(self.training):
             loss, outputs = self._meta_loss(
-                support_x, support_y, query_x, query_y, self._steps(num_steps), batched
+                support_x, support_y, query_x, query_y, steps, batched, weights
             )
         if loss.grad_fn is not None:
             loss.grad_fn.register_prehook(self._in_place_guard(versions))
@@ -229,6 +254,7 @@ class MAML(nn.Module):
         query_y: Tensor,
         num_steps: int | None = None,
         tasks_per_pass: int | None = None,
+        step_weights: Sequence[float] | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``forward`` then ``backward``, in passes of ``tasks_per_pass`` tasks.
 
@@ -248,6 +274,7 @@ class MAML(nn.Module):
         if tasks_per_pass is None:
             tasks_per_pass = num_tasks if batched else 1
         steps = self._steps(num_steps)
+        weights = self._step_weights(step_weights, steps)
         losses, outputs = [], []
         self._check_modes()
         with self.bn_policy.meta_batch(self.training):
@@ -255,8 +282,9 @@ class MAML(nn.Module):
                 part = slice(start, start + tasks_per_pass)
                 size = support_x[part].shape[0]
                 loss, out = self._meta_loss(
-                    support_x[part], support_y[part], query_x[part], query_y[part], steps, batched
-                )
+                    support_x[part], support_y[part], query_x[part], query_y[part], steps,
+                    batched, weights,
+                )  # fmt: skip
                 (loss * (size / num_tasks)).backward()
                 losses.append(loss.detach() * size)
                 outputs.append(out.detach())
@@ -275,21 +303,78 @@ class MAML(nn.Module):
             support_x.device.type != "cpu" or samples <= CPU_BATCHED_MAX_SAMPLES
         )
 
-    def _meta_loss(self, support_x, support_y, query_x, query_y, steps: int, batched: bool):
-        """The query loss averaged over tasks and the query outputs ``[T, Nq, ...]``."""
+    def _meta_loss(
+        self, support_x, support_y, query_x, query_y, steps: int, batched: bool,
+        step_weights: list[float] | None = None,
+    ):  # fmt: skip
+        """The query loss averaged over tasks (``step_weights``: the weighted sum over the
+        steps of it) and the query outputs ``[T, Nq, ...]`` after the last step."""
         if batched:
-            fast = self._adapt_batched(support_x, support_y, steps)
-            with self.bn_policy.at_query():
-                outputs = self.model(query_x, params=fast)
-            return self._task_losses(outputs, query_y).mean(), outputs
-        losses, outputs = [], []
-        for t in range(support_x.shape[0]):
-            fast = self._adapt_one(support_x[t], support_y[t], steps, task=t)
-            with self.bn_policy.at_query():
-                out = self.model(query_x[t], params=fast)
-            losses.append(self._task_loss(out, query_y[t], task=t))
-            outputs.append(out)
+            loss, outputs = self._adapt_and_query(
+                support_x, support_y, query_x, query_y, steps, step_weights
+            )
+            return loss / support_x.shape[0], outputs
+        losses, outputs = zip(
+            *(
+                self._adapt_and_query(xs, ys, xq, yq, steps, step_weights, task=t)
+                for t, (xs, ys, xq, yq) in enumerate(zip(support_x, support_y, query_x, query_y))
+            )
+        )
         return torch.stack(losses).mean(), torch.stack(outputs)
+
+    def _adapt_and_query(
+        self, xs, ys, xq, yq, steps: int, step_weights: list[float] | None, task: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One task (``task``), or all task-batched (``None``): the query loss summed over
+        tasks (weighted over the steps with ``step_weights``) and the last query outputs."""
+
+        def query_loss(params, final: bool = True) -> tuple[Tensor, Tensor]:
+            with self.bn_policy.at_query(record=final):
+                out = self.model(xq, params=params)
+            if task is None:
+                return self._task_losses(out, yq).sum(), out
+            return self._task_loss(out, yq, task), out
+
+        earlier: list[Tensor] = []  # the multi-step loss's terms before the last step
+
+        def after_step(k: int, params) -> None:
+            if k < steps - 1 and step_weights[k] != 0:  # a zero weight: no query pass
+                earlier.append(step_weights[k] * query_loss(params, final=False)[0])
+
+        hook = None if step_weights is None else after_step
+        if task is None:
+            fast = self._adapt_batched(xs, ys, steps, hook)
+        else:
+            fast = self._adapt_one(xs, ys, steps, task, hook)
+        loss, outputs = query_loss(fast)
+        if step_weights is not None:
+            loss = sum(earlier, step_weights[-1] * loss)
+        return loss, outputs
+
+    def _step_weights(self, weights, steps: int) -> list[float] | None:
+        """``step_weights`` checked: ``steps`` finite floats >= 0 (see ``forward``)."""
+        if weights is None:
+            return None
+        if isinstance(weights, Tensor):
+            if weights.dim() != 1 or weights.is_complex():
+                raise ValueError(f"step_weights must be a 1-D real tensor, got {weights!r}")
+            weights = weights.tolist()
+        weights = [float(w) for w in weights]
+        if steps == 0:
+            raise ValueError("step_weights (the multi-step loss) needs at least one inner step")
+        if len(weights) != steps:
+            raise ValueError(
+                f"step_weights has {len(weights)} weight(s), one per inner step is needed: "
+                f"this call takes {steps} step(s)"
+            )
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise ValueError(f"step_weights must be finite and >= 0, got {weights}")
+        if self.inner_checkpoint is not None and torch.is_grad_enabled():
+            raise ValueError(
+                "step_weights (the multi-step loss) needs every inner step's graph, which "
+                "inner_checkpoint does not keep; set maml.inner_checkpoint = None"
+            )
+        return weights
 
     def _check_modes(self) -> None:
         if self.training and not torch.is_grad_enabled():
@@ -326,23 +411,32 @@ class MAML(nn.Module):
             return num_steps
         return self.num_steps if self.training else self.num_test_steps
 
-    def _adapt_batched(self, x: Tensor, y: Tensor, steps: int) -> OrderedDict[str, Tensor]:
+    def _adapt_batched(
+        self, x: Tensor, y: Tensor, steps: int, after_step: AfterStep | None = None
+    ) -> OrderedDict[str, Tensor]:
         def expand(fast):
             for name in self.adapted_names:
                 fast[name] = fast[name].expand(x.shape[0], *fast[name].shape)
             return fast
 
         return self._inner_loop(
-            expand, steps, lambda p: self._task_losses(self.model(x, params=p), y).sum()
-        )
+            expand, steps, lambda p: self._task_losses(self.model(x, params=p), y).sum(),
+            after_step,
+        )  # fmt: skip
 
-    def _adapt_one(self, x: Tensor, y: Tensor, steps: int, task: int) -> OrderedDict[str, Tensor]:
+    def _adapt_one(
+        self, x: Tensor, y: Tensor, steps: int, task: int, after_step: AfterStep | None = None
+    ) -> OrderedDict[str, Tensor]:
         return self._inner_loop(
-            lambda fast: fast, steps, lambda p: self._task_loss(self.model(x, params=p), y, task)
-        )
+            lambda fast: fast, steps, lambda p: self._task_loss(self.model(x, params=p), y, task),
+            after_step,
+        )  # fmt: skip
 
-    def _inner_loop(self, start, steps: int, support_loss) -> OrderedDict[str, Tensor]:
-        """``steps`` updates of the adapted parameters from ``start(meta-parameters)``."""
+    def _inner_loop(
+        self, start, steps: int, support_loss, after_step: AfterStep | None = None
+    ) -> OrderedDict[str, Tensor]:
+        """``steps`` updates of the adapted parameters from ``start(meta-parameters)``;
+        ``after_step(k, params)`` after each step ``k`` (stored-graph path only)."""
         # Adaptation needs gradients even when the caller evaluates under no_grad (meta-test);
         # the graph through them is kept only when the caller can backpropagate.
         keeps_graph = torch.is_grad_enabled()
@@ -351,9 +445,13 @@ class MAML(nn.Module):
         with torch.enable_grad():
             fast = start(OrderedDict(self.model.meta_named_parameters()))
 
-            def step(adapted: list[Tensor], k: int, create_graph: bool) -> list[Tensor]:
+            def with_adapted(adapted: list[Tensor]) -> OrderedDict[str, Tensor]:
                 params = OrderedDict(fast)
                 params.update(zip(names, adapted))
+                return params
+
+            def step(adapted: list[Tensor], k: int, create_graph: bool) -> list[Tensor]:
+                params = with_adapted(adapted)
                 with self.bn_policy.at_step(k):
                     loss = support_loss(params)
                 current = OrderedDict(zip(names, adapted))
@@ -364,6 +462,8 @@ class MAML(nn.Module):
             if self.inner_checkpoint is None or not keeps_graph:
                 for k in range(steps):
                     adapted = step(adapted, k, second_order)
+                    if after_step is not None:
+                        after_step(k, with_adapted(adapted))
             else:
                 self._check_replayable()
                 inputs = [*self.model.parameters(), *self.step_sizes.parameters()]

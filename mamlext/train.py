@@ -23,9 +23,12 @@ from mamlext.data.tasks import Batch
 from mamlext.inner_checkpoint import check_setting
 from mamlext.maml import MAML
 from mamlext.models import conv4, mlp
+from mamlext.schedules import cosine, multi_step_weights
 
 DATASETS = ("sinusoid", "harmonic", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "metasgd", "mamlpp", "anil")
+META_LR_SCHEDULES = ("milestones", "cosine")
+MAMLPP_MULTI_STEP_LOSS = 5000  # the paper's 10 epochs of 500 iterations (capped at the run)
 CHECKPOINT_ENTRIES = ("iteration", "config", "maml", "optimizer", "samplers", "torch_rng")
 LOCK_NAME = "train.lock"
 
@@ -56,8 +59,15 @@ class TrainConfig:
     20-way meta-batch 16 / five steps of 0.1, one query per class; ``split_scheme`` as
     :func:`mamlext.data.omniglot.split_indices` ("vinyals": torchmeta's 1028 training and
     423 test characters; "maml": the paper's 1200 and 423).
-    The outer learning rate is ``meta_lr`` times ``meta_lr_gamma`` per milestone passed
-    (as ``torch.optim.lr_scheduler.MultiStepLR``); no milestones: constant, as the paper.
+    The outer learning rate (``meta_lr_schedule``) is ``"milestones"``: ``meta_lr`` times
+    ``meta_lr_gamma`` per milestone passed (as ``torch.optim.lr_scheduler.MultiStepLR``; no
+    milestones: constant, as the paper), or ``"cosine"``: annealed from ``meta_lr`` to
+    ``meta_lr_min`` over the run.
+    ``algorithm="mamlpp"`` is MAML++'s Omniglot configuration (Antoniou et al. 2019): 5
+    inner steps at meta-train and meta-test, meta-batch 8, learned per-layer per-step rates
+    from 0.1, per-step BatchNorm statistics and weights, the multi-step loss over the first
+    5000 iterations (10 epochs of 500), second order, Adam 1e-3 cosine-annealed to 1e-5.
+    Each of those fields, set explicitly, overrides it.
     Every ``eval_every`` iterations, ``periodic_eval_tasks`` test tasks are evaluated and a
     checkpoint is written; at the end, ``eval_tasks``. The fields declared ``_resumable`` may
     differ when a run is resumed; the others must equal the checkpoint's.
@@ -76,11 +86,18 @@ class TrainConfig:
     step_size: float | None = None
     first_order: bool = False
     algorithm: str = "maml"
-    bn: str = "transductive"
+    bn: str | None = None
+    # MAML++ (--algorithm mamlpp turns each on; each may be set on its own)
+    bn_per_step_weights: bool | None = None
+    multi_step_loss: int | None = None  # iterations of the multi-step loss; 0: off
+    multi_step_loss_floor: float = 0.03
+    first_order_until: int = 0  # derivative-order annealing: first order before it
     # activation checkpointing of the inner loop (memory, not results): may change on resume
     inner_checkpoint: int | str | None = _resumable(None)
     meta_lr: float = 1e-3
     # The schedule may change on resume only after the checkpoint's iteration.
+    meta_lr_schedule: str | None = _resumable(None)
+    meta_lr_min: float = _resumable(1e-5)
     meta_lr_milestones: tuple[int, ...] = _resumable(())
     meta_lr_gamma: float = _resumable(0.1)
     iterations: int | None = _resumable(None)
@@ -104,6 +121,33 @@ class TrainConfig:
         """The key of the per-task metric in the metrics records."""
         return "mse" if self.regression else "accuracy"
 
+    def _check_mamlpp_pieces(self) -> None:
+        if self.meta_lr_schedule not in META_LR_SCHEDULES:
+            raise ValueError(
+                f"unknown --meta-lr-schedule {self.meta_lr_schedule!r}; choose from "
+                f"{', '.join(META_LR_SCHEDULES)}"
+            )
+        if self.meta_lr_schedule == "cosine" and self.meta_lr_milestones:
+            raise ValueError("--meta-lr-milestones apply to --meta-lr-schedule milestones only")
+        if not 0 <= self.meta_lr_min <= self.meta_lr:
+            raise ValueError("--meta-lr-min must be in [0, --meta-lr]")
+        if not 0 <= self.multi_step_loss <= self.iterations:
+            raise ValueError(
+                f"--multi-step-loss {self.multi_step_loss} must be in 0..--iterations "
+                f"({self.iterations}): the iterations over which its weights anneal"
+            )
+        if not 0 <= self.multi_step_loss_floor <= 1:
+            raise ValueError("--multi-step-loss-floor must be in [0, 1]")
+        if self.multi_step_loss and self.inner_steps < 1:
+            raise ValueError("--multi-step-loss needs --inner-steps >= 1")
+        if self.multi_step_loss and self.inner_checkpoint is not None:
+            raise ValueError(
+                "--multi-step-loss needs every inner step's graph, which --inner-checkpoint "
+                "does not keep: use one or the other"
+            )
+        if self.first_order_until < 0:
+            raise ValueError("--first-order-until must be >= 0")
+
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by the paper's value, validated."""
         if self.dataset not in DATASETS:
@@ -122,13 +166,29 @@ class TrainConfig:
             step_size=0.01 if regression else (0.1 if wide else 0.4),
             iterations=3000 if regression else 60000,
             eval_every=1000 if regression else 500,
+            bn="transductive",
+            bn_per_step_weights=False,
+            multi_step_loss=0,
+            meta_lr_schedule="milestones",
         )
+        if self.algorithm == "mamlpp":
+            defaults.update(
+                inner_steps=5, test_steps=5, meta_lr_schedule="cosine",
+                multi_step_loss=MAMLPP_MULTI_STEP_LOSS,
+            )  # fmt: skip
+            if not regression:  # the paper's Omniglot setting (the sinusoid's MLP has no BN)
+                defaults.update(
+                    meta_batch=8, step_size=0.1, bn="per_step", bn_per_step_weights=True
+                )
         values = {
             k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()
         }
         config = dataclasses.replace(self, **values)
+        if self.algorithm == "mamlpp" and self.multi_step_loss is None:
+            config.multi_step_loss = min(config.multi_step_loss, config.iterations)
         if config.test_steps is None:
             config.test_steps = 10 if regression else max(config.inner_steps, 3)
+        config._check_mamlpp_pieces()
         if config.dataset == "omniglot" and config.data_root is None:
             raise ValueError(
                 "--dataset omniglot needs --data-root DIR (add --download to fetch it)"
@@ -156,8 +216,26 @@ class TrainConfig:
 
 def meta_lr_at(config: TrainConfig, iteration: int) -> float:
     """Outer learning rate of the step taken after ``iteration`` completed steps."""
+    if config.meta_lr_schedule == "cosine":
+        return cosine(config.meta_lr, config.meta_lr_min, iteration, config.iterations)
     passed = sum(iteration >= m for m in config.meta_lr_milestones)
     return config.meta_lr * config.meta_lr_gamma**passed
+
+
+def first_order_at(config: TrainConfig, iteration: int) -> bool:
+    """Whether the step after ``iteration`` completed steps is first order (FOMAML, or
+    derivative-order annealing's first phase)."""
+    fomaml = config.first_order or config.algorithm == "fomaml"
+    return fomaml or iteration < config.first_order_until
+
+
+def step_weights_at(config: TrainConfig, iteration: int) -> list[float] | None:
+    """The multi-step loss's weights of the step after ``iteration`` steps (``None``: off)."""
+    if not config.multi_step_loss:
+        return None
+    return multi_step_weights(
+        config.inner_steps, iteration, config.multi_step_loss, config.multi_step_loss_floor
+    )
 
 
 def build_sampler(config: TrainConfig, split: str, seed: int, rank: int = 0):
@@ -186,11 +264,12 @@ def build_maml(config: TrainConfig) -> MAML:
         step_size=config.step_size,
         num_steps=config.inner_steps,
         num_test_steps=config.test_steps,
-        first_order=config.first_order or config.algorithm == "fomaml",
+        first_order=first_order_at(config, 0),
         loss_fn=F.mse_loss if config.regression else F.cross_entropy,
         step_size_mode=modes.get(config.algorithm, "fixed"),
         adapt_params=head if config.algorithm == "anil" else None,
         bn=config.bn,
+        bn_per_step_weights=config.bn_per_step_weights,
         inner_checkpoint=config.inner_checkpoint,
     )
 
@@ -413,7 +492,10 @@ def _meta_step(run: _Run, iteration: int) -> dict[str, Any]:
     for group in run.optimizer.param_groups:
         group["lr"] = meta_lr_at(config, iteration)
     run.optimizer.zero_grad(set_to_none=True)
-    loss, outputs = run.maml.meta_backward(xs, ys, xq, yq)  # per-task passes: low memory
+    run.maml.first_order = first_order_at(config, iteration)
+    loss, outputs = run.maml.meta_backward(  # per-task passes: low memory
+        xs, ys, xq, yq, step_weights=step_weights_at(config, iteration)
+    )
     world.average_gradients(run.maml, tasks=run.local_batch)  # weighted: exact if uneven
     run.optimizer.step()
     metric = world.mean(task_metric(outputs, yq, config.regression).mean(), run.local_batch)
@@ -567,10 +649,12 @@ def _check_same_run(before: TrainConfig, config: TrainConfig, iteration: int) ->
     fixed = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("resumable")]
     differ = {k: (saved[k], current[k]) for k in fixed if saved[k] != current[k]}
     changes = {0, *before.meta_lr_milestones, *config.meta_lr_milestones}
+    if "cosine" in (before.meta_lr_schedule, config.meta_lr_schedule):
+        changes = range(iteration)  # a cosine moves at every iteration
     if any(meta_lr_at(before, i) != meta_lr_at(config, i) for i in changes if i < iteration):
-        differ["meta_lr schedule before iteration " + str(iteration)] = (
-            (list(before.meta_lr_milestones), before.meta_lr_gamma),
-            (list(config.meta_lr_milestones), config.meta_lr_gamma),
+        differ["meta_lr schedule before iteration " + str(iteration)] = tuple(
+            (c.meta_lr_schedule, list(c.meta_lr_milestones), c.meta_lr_gamma, c.meta_lr_min)
+            for c in (before, config)
         )
     if differ:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())

@@ -54,8 +54,13 @@ class MetaBatchNormBase(MetaModule):
     bn_policy: BatchNormPolicy | None = None
 
     def forward(self, input: Tensor, params: Params | None = None) -> Tensor:
-        weight, bias = self.meta_param(params, "weight"), self.meta_param(params, "bias")
         policy = self.bn_policy
+        if policy is not None and policy.per_step_weights:
+            row = policy.step_row()  # BNWB: this step's own weight and bias
+            weight = self.meta_param(params, "step_weight").select(-2, row)
+            bias = self.meta_param(params, "step_bias").select(-2, row)
+        else:
+            weight, bias = self.meta_param(params, "weight"), self.meta_param(params, "bias")
         if policy is None or policy.name is None:
             update = policy is None or not policy.replaying_now
             return self._torch_forward(input, weight, bias, update)
@@ -78,8 +83,9 @@ class MetaBatchNormBase(MetaModule):
         if num_tasks is None:
             return F.batch_norm(input, mean, var, weight, bias, running is None, 0.0, self.eps)
         check_task_input(input, num_tasks, self, min_dim=3)
-        weight = per_task(weight, self.weight, num_tasks)
-        bias = per_task(bias, self.bias, num_tasks)
+        # [C] (shared by the tasks) or [T, C]; the layer's own weight may be None (BNWB)
+        weight = None if weight is None else weight.expand(num_tasks, weight.shape[-1])
+        bias = None if bias is None else bias.expand(num_tasks, bias.shape[-1])
         # [T, N, C, *S] -> [N, T*C, *S]: one batch_norm over task x channel groups.
         x = input.transpose(0, 1).flatten(1, 2)
         flat_w = None if weight is None else weight.flatten()
@@ -151,6 +157,16 @@ class BatchNormPolicy:
     ``"running"``
         as ``per_step`` with a single set: ordinary non-transductive evaluation.
 
+    Per-step weights (``per_step_weights``, MAML++'s BNWB), with any policy: each affine
+    layer's ``weight`` and ``bias`` ``[C]`` are replaced by the parameters ``step_weight``
+    and ``step_bias`` ``[num_steps + 1, C]`` (initialised from them): row ``k`` scales and
+    shifts at inner step ``k``, the last row at the query pass. They are learned in the outer
+    loop only (MAML never adapts them: an inner update of row ``k`` would only matter at step
+    ``k``, already taken).
+
+    Steps beyond the trained ones (more inner steps at meta-test than ``num_steps``) use the
+    last support row, of statistics and of weights alike; the query pass always its own row.
+
     The sets live in each layer's buffers ``step_running_mean`` and ``step_running_var``,
     ``[rows, C]`` (:attr:`rows`, :meth:`statistics`); the layers keep them, the policy
     decides when they are read and updated. :class:`mamlext.MAML` holds one as
@@ -162,10 +178,15 @@ class BatchNormPolicy:
             ``name=None``.
         name: the policy, one of ``BN_POLICIES`` or ``None``.
         num_steps: inner steps of meta-training (``per_step`` keeps ``num_steps + 1`` sets).
+        per_step_weights: BNWB (above); fixed at construction, as it changes the parameters.
     """
 
     def __init__(
-        self, model: nn.Module, name: str | None = "transductive", num_steps: int = 1
+        self,
+        model: nn.Module,
+        name: str | None = "transductive",
+        num_steps: int = 1,
+        per_step_weights: bool = False,
     ) -> None:
         self.model = model
         self.num_steps = num_steps
@@ -173,7 +194,35 @@ class BatchNormPolicy:
         self._step: int | None = None  # inner step of the forwards in progress; None: query
         self._records: dict | None = None  # {layer: {row: [(mean [n, C], var [n, C])]}}
         self._replaying = False
+        self.per_step_weights = bool(per_step_weights)
+        affine = [m for m in model.modules() if isinstance(m, MetaBatchNormBase) and m.affine]
+        if self.per_step_weights and not affine:
+            raise ValueError(
+                "per-step BatchNorm weights (bn_per_step_weights) need a mamlext Meta BatchNorm "
+                "layer with affine=True in the model; it has none"
+            )
         self.set(name)
+        if self.per_step_weights:
+            self._make_per_step_weights(affine)
+
+    def _make_per_step_weights(self, affine: list[MetaBatchNormBase]) -> None:
+        for layer in affine:
+            for kind in ("weight", "bias"):
+                own = getattr(layer, kind)
+                rows = own.detach().expand(self.num_steps + 1, -1).clone()
+                setattr(layer, kind, None)  # the per-step rows stand for it
+                layer.register_parameter(f"step_{kind}", nn.Parameter(rows))
+
+    def per_step_weight_names(self) -> list[str]:
+        """Names in the model of the BNWB parameters (none without ``per_step_weights``)."""
+        if not self.per_step_weights:
+            return []
+        rows = {
+            id(getattr(m, f"step_{kind}", None))
+            for m in self.layers()
+            for kind in ("weight", "bias")
+        }
+        return [name for name, param in self.model.named_parameters() if id(param) in rows]
 
     @property
     def name(self) -> str | None:
@@ -263,17 +312,25 @@ class BatchNormPolicy:
         """The enclosed forwards are inner step ``step`` on the support sets."""
         return self._at(step)
 
-    def at_query(self) -> contextlib.AbstractContextManager[None]:
-        """The enclosed forwards are on the query sets (also the default outside MAML)."""
-        return self._at(None)
+    def at_query(self, record: bool = True) -> contextlib.AbstractContextManager[None]:
+        """The enclosed forwards are on the query sets (also the default outside MAML).
+
+        ``record=False``: an extra query pass (the multi-step loss's, before the last step)
+        whose statistics are not recorded: the query set's running statistics follow the
+        final pass alone, the one meta-test normalises.
+        """
+        return self._at(None, record)
 
     @contextlib.contextmanager
-    def _at(self, step: int | None) -> Iterator[None]:
-        outer, self._step = self._step, step
+    def _at(self, step: int | None, record: bool = True) -> Iterator[None]:
+        outer = self._step, self._records
+        self._step = step
+        if not record:
+            self._records = None
         try:
             yield
         finally:
-            self._step = outer
+            self._step, self._records = outer
 
     @contextlib.contextmanager
     def meta_batch(self, training: bool) -> Iterator[None]:
@@ -323,11 +380,15 @@ class BatchNormPolicy:
             rows = self._records.setdefault(layer, {})
             rows.setdefault(self._row(), []).append(_task_stats(input.detach()))
 
+    def step_row(self) -> int:
+        """The row of per-step values of the forwards in progress: inner step ``k``'s, or
+        ``num_steps`` on the query sets; steps beyond the trained ones use the last support row."""
+        if self._step is None:
+            return self.num_steps
+        return min(self._step, max(self.num_steps - 1, 0))
+
     def _row(self) -> int:
-        if self._name != "per_step":
-            return 0
-        # Steps beyond the trained ones (more steps at meta-test) reuse the last support set.
-        return self.rows - 1 if self._step is None else min(self._step, self.rows - 2)
+        return self.step_row() if self._name == "per_step" else 0
 
     @torch.no_grad()
     def _commit(self, records: dict) -> None:
