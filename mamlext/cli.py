@@ -32,11 +32,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--step-size", type=float, help="inner learning rate (initial value when learned)")
     a("--first-order", action="store_true", help="drop second-order terms (FOMAML)")
     a("--algorithm", default=d.algorithm, help=f"one of {', '.join(ALGORITHMS)}")
-    a(
-        "--bn",
-        help="BatchNorm policy: transductive | per_step | running (default: transductive; "
-        "mamlpp: per_step)",
-    )
+    a("--bn", default=d.bn, help="BatchNorm policy: transductive | per_step | running")
     a(
         "--bn-per-step-weights",
         action=argparse.BooleanOptionalAction,
@@ -54,6 +50,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--multi-step-loss-floor",
         type=float,
         default=d.multi_step_loss_floor,
+        metavar="F",
         help="the multi-step loss keeps each earlier step's weight >= this / inner steps",
     )
     a(
@@ -75,6 +72,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--meta-lr", type=float, default=d.meta_lr, help="Adam learning rate of the outer loop")
     a(
         "--meta-lr-schedule",
+        metavar="NAME",
         help="milestones (default: constant unless --meta-lr-milestones) | cosine (to "
         "--meta-lr-min over the run; mamlpp's default)",
     )
@@ -82,6 +80,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--meta-lr-min",
         type=float,
         default=d.meta_lr_min,
+        metavar="M",
         help="the last outer learning rate of --meta-lr-schedule cosine",
     )
     a(
