@@ -121,7 +121,7 @@ class TrainConfig:
         """The key of the per-task metric in the metrics records."""
         return "mse" if self.regression else "accuracy"
 
-    def _check_mamlpp_pieces(self) -> None:
+    def _check_schedules_and_mamlpp_pieces(self) -> None:
         if self.meta_lr_schedule not in META_LR_SCHEDULES:
             raise ValueError(
                 f"unknown --meta-lr-schedule {self.meta_lr_schedule!r}; choose from "
@@ -187,7 +187,7 @@ class TrainConfig:
             config.multi_step_loss = min(config.multi_step_loss, config.iterations)
         if config.test_steps is None:
             config.test_steps = 10 if regression else max(config.inner_steps, 3)
-        config._check_mamlpp_pieces()
+        config._check_schedules_and_mamlpp_pieces()
         if config.dataset == "omniglot" and config.data_root is None:
             raise ValueError(
                 "--dataset omniglot needs --data-root DIR (add --download to fetch it)"

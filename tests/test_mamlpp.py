@@ -179,7 +179,7 @@ def test_more_steps_at_meta_test_reuse_the_last_trained_step_of_rates_statistics
                 values[f"{n}.{kind}"] = state[f"model.{n}.step_{kind}"][row]
         return values
 
-    adapted = [n for n in maml.adapted_names]
+    adapted = list(maml.adapted_names)
     xs, ys, xq, yq = episode(make_input, TASKS)
     plain.eval()  # normalise with the statistics handed in
     want = []
