@@ -1,0 +1,84 @@
+"""Live heap bytes against the RSS of one meta-step of config C, from glibc's own counters.
+
+``mamlext bench --memory`` reports the peak RSS. On glibc that includes freed memory the
+allocator keeps in its heap, so this probe reads ``mallinfo2()`` (glibc >= 2.33) during the
+backward (at every tenth saved tensor unpacked, recomputed segments included): ``in use``
+is the live heap, ``free`` what the heap holds but nothing uses. One fresh
+process, config C (Conv-4/64, 20-way 1-shot, 16 tasks, second order, the per-task path)
+with ``--steps K`` inner steps, after a warm-up step at ``K = 1``.
+
+    python benchmarks/heap_probe.py --steps 50 --inner-checkpoint auto
+    python benchmarks/heap_probe.py --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--inner-checkpoint", default=None, help="auto or a segment length")
+    args = parser.parse_args()
+    setting = args.inner_checkpoint
+    setting = int(setting) if setting not in (None, "auto") else setting
+
+    import torch
+
+    from mamlext.bench.configs import CONFIGS, make_batch
+    from mamlext.bench.peers import build_mamlext
+    from mamlext.bench.worker import MemoryMeter
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    peak = {"in use": 0.0, "heap": 0.0, "free": 0.0, "calls": 0}
+
+    def sampled(tensor: torch.Tensor) -> torch.Tensor:  # an unpack hook: during backward
+        peak["calls"] += 1
+        if peak["calls"] % 10 == 0:  # mallinfo2 walks the heap's free lists: not every call
+            info = libc.mallinfo2()
+            peak["in use"] = max(peak["in use"], info.uordblks / 2**20)
+            if info.arena / 2**20 > peak["heap"]:
+                peak.update(heap=info.arena / 2**20, free=info.fordblks / 2**20)
+        return tensor
+
+    cfg = dataclasses.replace(CONFIGS["C"], steps=args.steps)
+    batch = make_batch(cfg, torch.device("cpu"), torch.float32)
+    build_mamlext(dataclasses.replace(cfg, steps=1), batch).step()  # warm-up, K = 1
+    built = build_mamlext(cfg, batch, inner_checkpoint=setting)
+    start = libc.mallinfo2()
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.start()
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, sampled):
+        built.step()
+    print(
+        f"K={args.steps} inner_checkpoint={setting} threads={torch.get_num_threads()}: "
+        f"peak RSS increase {meter.peak_mb():.1f} MB; heap before {start.arena / 2**20:.1f} "
+        f"MB ({start.uordblks / 2**20:.1f} in use); sampled peaks: in use "
+        f"{peak['in use']:.1f} MB, heap {peak['heap']:.1f} MB ({peak['free']:.1f} free)"
+    )
+
+
+if __name__ == "__main__":
+    main()
