@@ -69,7 +69,8 @@ def checkpointed_inner_loop(
             the segments of the other steps.
         second_order: differentiate through the inner gradients (as the stored path).
         inputs: every other tensor the steps depend on that may require grad (the model's
-            parameters, learned step sizes); their gradients flow as stored.
+            parameters, learned step sizes, the support batch); their gradients flow as
+            stored.
         replaying: a context for the recomputation in backward: forwards that must record
             nothing and change no buffer (BatchNorm statistics).
 

@@ -421,7 +421,7 @@ class MAML(nn.Module):
 
         return self._inner_loop(
             expand, steps, lambda p: self._task_losses(self.model(x, params=p), y).sum(),
-            after_step,
+            (x, y), after_step,
         )  # fmt: skip
 
     def _adapt_one(
@@ -429,14 +429,16 @@ class MAML(nn.Module):
     ) -> OrderedDict[str, Tensor]:
         return self._inner_loop(
             lambda fast: fast, steps, lambda p: self._task_loss(self.model(x, params=p), y, task),
-            after_step,
+            (x, y), after_step,
         )  # fmt: skip
 
     def _inner_loop(
-        self, start, steps: int, support_loss, after_step: AfterStep | None = None
-    ) -> OrderedDict[str, Tensor]:
-        """``steps`` updates of the adapted parameters from ``start(meta-parameters)``;
-        ``after_step(k, params)`` after each step ``k`` (stored-graph path only)."""
+        self, start, steps: int, support_loss, support: tuple[Tensor, Tensor],
+        after_step: AfterStep | None = None,
+    ) -> OrderedDict[str, Tensor]:  # fmt: skip
+        """``steps`` updates of the adapted parameters from ``start(meta-parameters)``, by
+        ``support_loss(params)`` of the ``support`` batch; ``after_step(k, params)`` after
+        each step ``k`` (stored-graph path only)."""
         # Adaptation needs gradients even when the caller evaluates under no_grad (meta-test);
         # the graph through them is kept only when the caller can backpropagate.
         keeps_graph = torch.is_grad_enabled()
@@ -466,7 +468,8 @@ class MAML(nn.Module):
                         after_step(k, with_adapted(adapted))
             else:
                 self._check_replayable()
-                inputs = [*self.model.parameters(), *self.step_sizes.parameters()]
+                # everything the steps read that may require grad (inputs too: x.grad)
+                inputs = [*self.model.parameters(), *self.step_sizes.parameters(), *support]
                 adapted = checkpointed_inner_loop(
                     step, adapted, steps, self.inner_checkpoint, second_order, inputs,
                     self.bn_policy.replaying,

@@ -150,6 +150,23 @@ def test_dropout_is_random_and_replayed():
     assert loss_a != loss_b
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-task"])
+def test_inputs_that_require_grad_get_the_stored_gradient(batched):
+    """The support images' gradient flows through the recomputed steps too (e.g. for an
+    attack on the support set, or a learned augmentation before MAML)."""
+    stored, checkpointed = twin_mamls(conv_bn(meta=True), 2, num_steps=3, batched=batched)
+    xs, ys, xq, yq = episode()
+    grads = []
+    for maml in (stored, checkpointed):
+        support, query = xs.clone().requires_grad_(), xq.clone().requires_grad_()
+        loss, _ = maml(support, ys, query, yq)
+        grads.append(torch.autograd.grad(loss, (support, query)))
+    for name, a, b in zip(("support", "query"), *grads):
+        assert a.norm() > 0
+        error = float((a - b).norm() / a.norm())
+        assert error < 1e-12, f"gradient of the {name} images: {error:.1e} of its norm"
+
+
 @pytest.mark.parametrize("steps", [0, 1, 7])
 def test_other_step_counts_at_call_time(steps):
     stored, checkpointed = twin_mamls(conv_bn(meta=True), 3, num_steps=2)
