@@ -30,6 +30,7 @@ ALGORITHMS = ("maml", "fomaml", "metasgd", "mamlpp", "anil")
 META_LR_SCHEDULES = ("milestones", "cosine")
 MAMLPP_MULTI_STEP_LOSS = 5000  # the paper's 10 epochs of 500 iterations (capped at the run)
 CHECKPOINT_ENTRIES = ("iteration", "config", "maml", "optimizer", "samplers", "torch_rng")
+OPTIONAL_ENTRIES = ("seconds",)  # absent from checkpoints of mamlext before 2026-12-01
 LOCK_NAME = "train.lock"
 
 
@@ -321,6 +322,7 @@ class _Run:
     eval_sampler: Any  # the test split's tasks
     start: int = 0  # iterations already done (a resumed run's checkpoint)
     checkpointed: int | None = None  # the iteration of this run's checkpoint on disk
+    seconds: float = 0.0  # time in meta-steps so far, resumed sessions included
 
     def stopped(self, reason: str) -> RunStopped:
         """The error that stops the run for ``reason``, saying what is left on disk."""
@@ -379,12 +381,13 @@ def _train(run: _Run) -> dict[str, Any] | None:
     if run.world.is_main:
         _start_metrics(run)
     bar = _ProgressBar(run.start, config, enabled=config.progress and run.world.is_main)
-    began = time.perf_counter()
     for iteration in range(run.start, config.iterations):
+        began = time.perf_counter()
         record = _meta_step(run, iteration)
         _check_finite(run, record)
+        run.seconds += time.perf_counter() - began
         bar.update(record["loss"], record[config.metric_name])
-        _record_and_checkpoint(run, record, seconds=time.perf_counter() - began)
+        _record_and_checkpoint(run, record)
     bar.close()
     run.world.close()
     return _final_evaluation(run) if run.world.is_main else None
@@ -450,6 +453,7 @@ def _restore(run: _Run) -> None:
             f"run ({type(error).__name__}: {error})"
         ) from None
     run.start = run.checkpointed = state["iteration"]
+    run.seconds = state.get("seconds", 0.0)  # older checkpoints: this session's time only
 
 
 def _start_metrics(run: _Run) -> None:
@@ -505,17 +509,18 @@ def _meta_step(run: _Run, iteration: int) -> dict[str, Any]:
     }
 
 
-def _record_and_checkpoint(run: _Run, record: dict[str, Any], seconds: float) -> None:
+def _record_and_checkpoint(run: _Run, record: dict[str, Any]) -> None:
     """Append the step's record to metrics.jsonl, with an evaluation and a checkpoint when due.
 
-    Every ``eval_every`` steps and at the last, the record gets ``seconds`` (training time
-    so far, evaluations excluded), ``meta_lr`` and ``eval`` (``periodic_eval_tasks`` test
-    tasks), and the checkpoint is written after it.
+    Every ``eval_every`` steps and at the last, the record gets ``seconds`` (time in
+    meta-steps so far, evaluations and checkpoints excluded, the sessions before a
+    ``--resume`` included), ``meta_lr`` and ``eval`` (``periodic_eval_tasks`` test tasks),
+    and the checkpoint is written after it.
     """
     config, step = run.config, record["iteration"]
     checkpointing = step % config.eval_every == 0 or step == config.iterations
     if checkpointing:
-        record["seconds"] = seconds
+        record["seconds"] = run.seconds
         record["meta_lr"] = meta_lr_at(config, step - 1)
         record["eval"] = evaluate(
             run.maml, run.eval_sampler.spawn(step), config.periodic_eval_tasks,
@@ -564,6 +569,7 @@ def _state(run: _Run, sampler_states: list[Any], iteration: int) -> dict[str, An
         "optimizer": run.optimizer.state_dict(),
         "samplers": sampler_states,
         "torch_rng": torch.get_rng_state(),
+        "seconds": run.seconds,
     }
 
 
@@ -583,7 +589,7 @@ def load_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], TrainConfig]:
         return CheckpointError(f"{path} is not a usable checkpoint of mamlext train: {problem}")
 
     missing = [k for k in CHECKPOINT_ENTRIES if k not in state]
-    unknown = [k for k in state if k not in CHECKPOINT_ENTRIES]
+    unknown = [k for k in state if k not in CHECKPOINT_ENTRIES + OPTIONAL_ENTRIES]
     if missing or unknown:
         raise refuse(f"entries missing {missing}, unknown {unknown}")
     saved = state["config"]
@@ -623,6 +629,9 @@ def load_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], TrainConfig]:
         raise refuse("its optimizer state does not fit the model's parameters")
     if not isinstance(state["samplers"], list) or not isinstance(state["torch_rng"], torch.Tensor):
         raise refuse("its task stream or RNG state is not what mamlext train writes")
+    seconds = state.get("seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
+        raise refuse(f"its training time {seconds!r} is not a number of seconds >= 0")
     return state, config
 
 

@@ -1,11 +1,13 @@
 """mamlext train/evaluate: learning, resume, atomic checkpoints, and one-line errors."""
 
 import copy
+import itertools
 import json
 import math
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -92,6 +94,29 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     for ra, rb in zip(a, b):
         ra.pop("seconds", None), rb.pop("seconds", None)
         assert ra == rb
+
+
+def test_seconds_count_the_meta_steps_of_every_session(tmp_path, monkeypatch):
+    """A record's ``seconds`` is the time in meta-steps so far: a resumed run carries its
+    checkpoint's on, and evaluations do not count (a clock that ticks one second per read,
+    and an evaluation that reads it too)."""
+    clock = itertools.count()
+    fake_time = types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
+    monkeypatch.setattr(mamlext.train, "time", fake_time)
+    real_evaluate = mamlext.train.evaluate
+
+    def evaluate_reading_the_clock(*args, **kwargs):
+        for _ in range(5):
+            mamlext.train.time.perf_counter()
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(mamlext.train, "evaluate", evaluate_reading_the_clock)
+    options = dict(eval_every=5, eval_tasks=10, out=str(tmp_path))
+    train(quiet(iterations=10, **options))
+    train(quiet(iterations=15, **options, resume=True))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seconds = {r["iteration"]: r["seconds"] for r in records if "seconds" in r}
+    assert seconds == {5: 5.0, 10: 10.0, 15: 15.0}
 
 
 def test_inner_checkpointing_trains_as_the_stored_graph_and_resumes_with_it(tmp_path):

@@ -173,6 +173,10 @@ HOSTILE = {
         "its optimizer state does not fit",
     ),
     "not a count": (lambda s: s.update(iteration="2"), "iteration '2' is not a count of steps"),
+    "negative time": (
+        lambda s: s.update(seconds=-1.0),
+        "its training time -1.0 is not a number of seconds >= 0",
+    ),
 }
 
 
