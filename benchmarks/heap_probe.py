@@ -17,6 +17,13 @@ import argparse
 import ctypes
 import dataclasses
 
+import torch
+
+from mamlext.bench.configs import CONFIGS, make_batch
+from mamlext.bench.peers import build_mamlext
+from mamlext.bench.worker import MemoryMeter
+from mamlext.cli import segment_length
+
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
@@ -39,17 +46,9 @@ class _MallInfo2(ctypes.Structure):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--inner-checkpoint", default=None, help="auto or a segment length")
+    parser.add_argument("--inner-checkpoint", type=segment_length, help="auto or a segment length")
     args = parser.parse_args()
     setting = args.inner_checkpoint
-    setting = int(setting) if setting not in (None, "auto") else setting
-
-    import torch
-
-    from mamlext.bench.configs import CONFIGS, make_batch
-    from mamlext.bench.peers import build_mamlext
-    from mamlext.bench.worker import MemoryMeter
-
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
     peak = {"in use": 0.0, "heap": 0.0, "free": 0.0, "calls": 0}

@@ -63,7 +63,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--inner-checkpoint",
-        type=_segment_length,
+        type=segment_length,
         metavar="N|auto",
         help="recompute the inner loop during backward in segments of N steps (auto: sized "
         "from a step's graph): memory that does not grow with the steps, the same meta-gradient "
@@ -114,7 +114,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _segment_length(text: str) -> int | str:
+def segment_length(text: str) -> int | str:
+    """An ``--inner-checkpoint`` value: ``auto`` or a segment length in steps."""
     if text == "auto":
         return text
     try:
