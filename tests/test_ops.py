@@ -72,6 +72,24 @@ def test_values_match_float64_oracle(device, case):
         assert o.shape == p.shape and o.is_contiguous()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", [list, tuple])
+def test_per_tensor_rates_of_another_dtype_are_cast_and_get_their_gradient(device, form):
+    """Rates that need a cast take the normalising path; rates that need none skip it."""
+    params, grads = make_lists(SHAPES, device=device)
+    for rate_dtype in (torch.float32, F64):  # cast, then none needed
+        rates = [
+            (torch.rand(s, device=device) + 0.1).to(rate_dtype).requires_grad_() for s in SHAPES
+        ]
+        out = fused_sgd(params, grads, form(rates))
+        torch.testing.assert_close(out, oracle(params, grads, rates))
+        weights = [torch.randn_like(o) for o in out]
+        got = torch.autograd.grad(out, rates, weights)
+        for g, w, d in zip(grads, weights, got):
+            assert d.dtype == rate_dtype
+            torch.testing.assert_close(d, (-(g * w)).to(rate_dtype))
+
+
 SCALAR_CASES = ("float", "per-tensor floats")
 
 
