@@ -420,25 +420,23 @@ class MAML(nn.Module):
             return fast
 
         return self._inner_loop(
-            expand, steps, lambda p: self._task_losses(self.model(x, params=p), y).sum(),
-            (x, y), after_step,
-        )  # fmt: skip
+            expand, steps, lambda out, y: self._task_losses(out, y).sum(), x, y, after_step
+        )
 
     def _adapt_one(
         self, x: Tensor, y: Tensor, steps: int, task: int, after_step: AfterStep | None = None
     ) -> OrderedDict[str, Tensor]:
         return self._inner_loop(
-            lambda fast: fast, steps, lambda p: self._task_loss(self.model(x, params=p), y, task),
-            (x, y), after_step,
-        )  # fmt: skip
+            lambda fast: fast, steps, lambda out, y: self._task_loss(out, y, task), x, y, after_step
+        )
 
     def _inner_loop(
-        self, start, steps: int, support_loss, support: tuple[Tensor, Tensor],
+        self, start, steps: int, support_loss, x: Tensor, y: Tensor,
         after_step: AfterStep | None = None,
     ) -> OrderedDict[str, Tensor]:  # fmt: skip
         """``steps`` updates of the adapted parameters from ``start(meta-parameters)``, by
-        ``support_loss(params)`` of the ``support`` batch; ``after_step(k, params)`` after
-        each step ``k`` (stored-graph path only)."""
+        ``support_loss(model(x, params), y)`` of the support batch ``(x, y)``;
+        ``after_step(k, params)`` after each step ``k`` (stored-graph path only)."""
         # Adaptation needs gradients even when the caller evaluates under no_grad (meta-test);
         # the graph through them is kept only when the caller can backpropagate.
         keeps_graph = torch.is_grad_enabled()
@@ -455,7 +453,7 @@ class MAML(nn.Module):
             def step(adapted: list[Tensor], k: int, create_graph: bool) -> list[Tensor]:
                 params = with_adapted(adapted)
                 with self.bn_policy.at_step(k):
-                    loss = support_loss(params)
+                    loss = support_loss(self.model(x, params=params), y)
                 current = OrderedDict(zip(names, adapted))
                 grads = inner_gradients(loss, current, not create_graph, self.allow_unused)
                 return fused_sgd(adapted, grads, self.step_sizes.at(k))
@@ -469,7 +467,7 @@ class MAML(nn.Module):
             else:
                 self._check_replayable()
                 # everything the steps read that may require grad (inputs too: x.grad)
-                inputs = [*self.model.parameters(), *self.step_sizes.parameters(), *support]
+                inputs = [*self.model.parameters(), *self.step_sizes.parameters(), x, y]
                 adapted = checkpointed_inner_loop(
                     step, adapted, steps, self.inner_checkpoint, second_order, inputs,
                     self.bn_policy.replaying,
