@@ -25,7 +25,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--ways", type=int, default=d.ways)
     a("--shots", type=int, help="support examples per class (regression: points per task)")
-    a("--query", type=int, help="query examples per class (regression: points per task)")
+    a(
+        "--query",
+        type=int,
+        help="query examples per class (regression: points per task); default: --shots",
+    )
     a("--meta-batch", type=int, help="tasks per meta-training step")
     a("--inner-steps", type=int, help="inner gradient steps during meta-training")
     a("--test-steps", type=int, help="inner gradient steps at meta-test")

@@ -57,8 +57,9 @@ class TrainConfig:
     Sinusoid: K=10 shots and queries, meta-batch 25, one step of 0.01, Adam 1e-3 (3000
     iterations by default, about a minute on 2 cores, where the paper trains 70,000).
     Omniglot: Conv-4 (64 filters, strided), 5-way meta-batch 32 / one step of 0.4,
-    20-way meta-batch 16 / five steps of 0.1, one query per class; ``split_scheme`` as
-    :func:`mamlext.data.omniglot.split_indices` ("vinyals": torchmeta's 1028 training and
+    20-way meta-batch 16 / five steps of 0.1. Queries: as many as shots, per class on
+    Omniglot (the paper's code, cbfinn/maml ``main.py``, samples 2K examples per class and
+    splits them in two); one per class with ``algorithm="mamlpp"`` (MAML++'s configs). ``split_scheme`` as :func:`mamlext.data.omniglot.split_indices` ("vinyals": torchmeta's 1028 training and
     423 test characters; "maml": the paper's 1200 and 423).
     The outer learning rate (``meta_lr_schedule``) is ``"milestones"``: ``meta_lr`` times
     ``meta_lr_gamma`` per milestone passed (as ``torch.optim.lr_scheduler.MultiStepLR``; no
@@ -161,7 +162,6 @@ class TrainConfig:
         wide = self.ways >= 20
         defaults = dict(
             shots=10 if regression else 1,
-            query=10 if regression else 1,
             meta_batch=25 if regression else (16 if wide else 32),
             inner_steps=1 if regression or not wide else 5,
             step_size=0.01 if regression else (0.1 if wide else 0.4),
@@ -179,11 +179,15 @@ class TrainConfig:
             if not regression:  # the paper's Omniglot setting (the sinusoid's MLP has no BN)
                 # Batch statistics at meta-test too: the paper's code normalises with them
                 # always (docs/mamlpp.md); bn="per_step" is the paper's text, and an option.
-                defaults.update(meta_batch=8, step_size=0.1, bn_per_step_weights=True)
+                # One query example per class whatever the shots: the reference repository's
+                # experiment_config/omniglot_maml++_* set "num_target_samples": 1.
+                defaults.update(meta_batch=8, step_size=0.1, bn_per_step_weights=True, query=1)
         values = {
             k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()
         }
         config = dataclasses.replace(self, **values)
+        if config.query is None:  # as many as the support: MAML's code samples 2K per class
+            config.query = config.shots
         if self.algorithm == "mamlpp" and self.multi_step_loss is None:
             config.multi_step_loss = min(config.multi_step_loss, config.iterations)
         if config.test_steps is None:

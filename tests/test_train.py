@@ -14,7 +14,15 @@ import torch
 
 import mamlext.train
 from mamlext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mamlext.train import TrainConfig, build_maml, build_sampler, evaluate, meta_lr_at, train
+from mamlext.train import (
+    TrainConfig,
+    build_maml,
+    build_sampler,
+    evaluate,
+    meta_lr_at,
+    to_device,
+    train,
+)
 from tests.conftest import REPO, SHARED_DATA
 
 OMNIGLOT = SHARED_DATA / "omniglot"
@@ -50,6 +58,26 @@ def test_split_scheme_chooses_the_training_characters(scheme, train_characters):
     config = config.resolved()
     assert build_sampler(config, "train", 0).num_classes == 4 * train_characters  # rotations
     assert build_sampler(config, "test", 1).num_classes == 423
+
+
+@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+def test_queries_default_to_as_many_as_the_shots():
+    """As the MAML paper's code samples them (cbfinn/maml main.py: 2K examples per class);
+    MAML++'s (HowToTrainYourMAMLPytorch experiment_config/: "num_target_samples": 1)."""
+    for dataset, ways in (("omniglot", 5), ("sinusoid", 1)):
+        root = str(OMNIGLOT) if dataset == "omniglot" else None
+        for shots, query, expected in ((5, None, 5), (3, None, 3), (5, 2, 2)):
+            config = TrainConfig(
+                dataset=dataset, data_root=root, ways=ways, shots=shots, query=query
+            ).resolved()
+            batch = build_sampler(config, "train", 0).sample(2)
+            xs, _, xq, _ = to_device(batch, torch.device("cpu"))
+            assert xs.shape[:2] == (2, shots * ways), (dataset, shots, query)
+            assert xq.shape[:2] == (2, expected * ways), (dataset, shots, query)
+    # MAML++'s Omniglot configs: one query example per class whatever the shots
+    config = TrainConfig(dataset="omniglot", data_root=str(OMNIGLOT), shots=5, algorithm="mamlpp")
+    _, _, xq, _ = to_device(build_sampler(config.resolved(), "train", 0).sample(2), "cpu")
+    assert xq.shape[:2] == (2, 5)
 
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "metasgd", "mamlpp", "anil"])
