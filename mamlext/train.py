@@ -59,8 +59,9 @@ class TrainConfig:
     Omniglot: Conv-4 (64 filters, strided), 5-way meta-batch 32 / one step of 0.4,
     20-way meta-batch 16 / five steps of 0.1. Queries: as many as shots, per class on
     Omniglot (the paper's code, cbfinn/maml ``main.py``, samples 2K examples per class and
-    splits them in two); one per class with ``algorithm="mamlpp"`` (MAML++'s configs). ``split_scheme`` as :func:`mamlext.data.omniglot.split_indices` ("vinyals": torchmeta's 1028 training and
-    423 test characters; "maml": the paper's 1200 and 423).
+    splits them in two); one per class with ``algorithm="mamlpp"`` (MAML++'s configs).
+    ``split_scheme`` as :func:`mamlext.data.omniglot.split_indices` ("vinyals": torchmeta's
+    1028 training and 423 test characters; "maml": the paper's 1200 and 423).
     The outer learning rate (``meta_lr_schedule``) is ``"milestones"``: ``meta_lr`` times
     ``meta_lr_gamma`` per milestone passed (as ``torch.optim.lr_scheduler.MultiStepLR``; no
     milestones: constant, as the paper), or ``"cosine"``: annealed from ``meta_lr`` to
