@@ -419,16 +419,18 @@ class MAML(nn.Module):
                 fast[name] = fast[name].expand(x.shape[0], *fast[name].shape)
             return fast
 
-        return self._inner_loop(
-            expand, steps, lambda out, y: self._task_losses(out, y).sum(), x, y, after_step
-        )
+        def support_loss(out: Tensor, targets: Tensor) -> Tensor:
+            return self._task_losses(out, targets).sum()
+
+        return self._inner_loop(expand, steps, support_loss, x, y, after_step)
 
     def _adapt_one(
         self, x: Tensor, y: Tensor, steps: int, task: int, after_step: AfterStep | None = None
     ) -> OrderedDict[str, Tensor]:
-        return self._inner_loop(
-            lambda fast: fast, steps, lambda out, y: self._task_loss(out, y, task), x, y, after_step
-        )
+        def support_loss(out: Tensor, targets: Tensor) -> Tensor:
+            return self._task_loss(out, targets, task)
+
+        return self._inner_loop(lambda fast: fast, steps, support_loss, x, y, after_step)
 
     def _inner_loop(
         self, start, steps: int, support_loss, x: Tensor, y: Tensor,

@@ -76,7 +76,8 @@ def test_queries_default_to_as_many_as_the_shots():
             assert xq.shape[:2] == (2, expected * ways), (dataset, shots, query)
     # MAML++'s Omniglot configs: one query example per class whatever the shots
     config = TrainConfig(dataset="omniglot", data_root=str(OMNIGLOT), shots=5, algorithm="mamlpp")
-    _, _, xq, _ = to_device(build_sampler(config.resolved(), "train", 0).sample(2), "cpu")
+    batch = build_sampler(config.resolved(), "train", 0).sample(2)
+    _, _, xq, _ = to_device(batch, torch.device("cpu"))
     assert xq.shape[:2] == (2, 5)
 
 

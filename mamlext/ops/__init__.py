@@ -327,10 +327,11 @@ def _normalize_lr(lr: LearningRate, params: Sequence[Tensor]):
 
 
 def _rates_need_no_cast(lr: LearningRate, params: Sequence[Tensor]) -> bool:
-    """Whether ``lr`` is one floating-point tensor per ``params[i]`` of its dtype and device.
+    """Whether ``lr`` is one tensor per ``params[i]``, of its dtype and device.
 
     The common Meta-SGD / MAML++ form, which then skips the per-entry ``.to()`` of
-    :func:`_normalize_lr` (~15 us on Conv-4's 18 tensors); shapes are the kernel's check.
+    :func:`_normalize_lr` (~15 us on Conv-4's 18 tensors); dtypes that are not floating
+    point and shapes are left to the kernel's checks, which raise as the slow path would.
     """
     if not isinstance(lr, (list, tuple)) or len(lr) != len(params):
         return False
