@@ -79,33 +79,43 @@ def checkpointed_inner_loop(
     """
     check_setting(setting)
     inputs = [t for t in dict.fromkeys(inputs) if t.requires_grad]
-    begin, length = 0, None if setting == "auto" else setting
-    while begin < steps:
-        if length is None:  # "auto": step 0 alone, measured
-            counter = _SavedBytes()
-            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-                state = _segment(step, state, range(0, 1), second_order, inputs, replaying)
-            state_bytes = sum(t.numel() * t.element_size() for t in state)
-            length = auto_segment_length(steps - 1, state_bytes, counter.total)
-            begin = 1
-            continue
-        end = min(begin + length, steps)
-        state = _segment(step, state, range(begin, end), second_order, inputs, replaying)
-        begin = end
+    if steps == 0:
+        return state
+    context = step, second_order, inputs, replaying
+    first, length = 0, setting
+    if setting == "auto":  # step 0 alone, measured
+        counter = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            state = _segments(state, [range(0, 1)], *context)
+        state_bytes = sum(t.numel() * t.element_size() for t in state)
+        first, length = 1, auto_segment_length(steps - 1, state_bytes, counter.total)
+    plan = [range(k, min(k + length, steps)) for k in range(first, steps, length)]
+    return _segments(state, plan, *context)
+
+
+def _segments(state, plan: list[range], step, second_order, inputs, replaying) -> list[Tensor]:
+    """The segments of ``plan`` one after another.
+
+    Their results (each the next one's saved state) are allocated together, before any
+    segment's temporaries. Allocated after them, each result would sit in the heap among
+    the freed temporaries, and glibc could not give the next segment's temporaries that
+    space back in one piece: the heap (and peak RSS) grew by a step's temporaries at
+    every segment (``benchmarks/heap_probe.py``).
+    """
+    results = [[torch.empty_like(t) for t in state] for _ in plan]
+    for steps, out in zip(plan, results):
+        run = _Run(step, steps, second_order, out, inputs, replaying)
+        state = list(_Segment.apply(run, *state, *inputs))
     return state
-
-
-def _segment(step, state, steps: range, second_order, inputs, replaying) -> list[Tensor]:
-    run = _Run(step, steps, second_order, len(state), inputs, replaying)
-    return list(_Segment.apply(run, *state, *inputs))
 
 
 class _Run:
     """One segment: its steps, and what its backward needs besides the saved state."""
 
-    def __init__(self, step, steps: range, second_order, size, inputs, replaying) -> None:
+    def __init__(self, step, steps: range, second_order, out, inputs, replaying) -> None:
         self.step, self.steps, self.second_order = step, steps, second_order
-        self.size, self.inputs, self.replaying = size, inputs, replaying
+        self.out, self.size = out, len(out)  # the buffers forward's results are copied to
+        self.inputs, self.replaying = inputs, replaying
         self.rng: _RngState | None = None
 
     def forward(self, state: list[Tensor], replay: bool) -> list[Tensor]:
@@ -132,19 +142,23 @@ class _Segment(torch.autograd.Function):
         run.rng = _RngState.capture(state)
         with torch.enable_grad():
             out = run.forward([t.detach().requires_grad_() for t in state], replay=False)
-        return tuple(t.detach() for t in out)
+        results, run.out = run.out, None
+        return tuple(r.copy_(t) for r, t in zip(results, out))
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
         wanted = ctx.needs_input_grad[1 + run.size :]
         extra = [t for t, needed in zip(run.inputs, wanted) if needed]
+        # allocated before the replay's temporaries, for the reason given in _segments
+        kept = [torch.empty_like(t) for t in [*ctx.saved_tensors, *extra]]
         with torch.enable_grad(), run.rng.restored(), run.replaying():
             leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
             out = run.forward(leaves, replay=True)
             grads = torch.autograd.grad(
                 out, leaves + extra, grad_outputs, allow_unused=True, materialize_grads=True
             )
+        grads = [k.copy_(g) for k, g in zip(kept, grads)]
         extra_grads = iter(grads[run.size :])
         return (None, *grads[: run.size], *(next(extra_grads) if n else None for n in wanted))
 
