@@ -5,9 +5,8 @@ allocator keeps in its heap, so this probe reads ``mallinfo2()`` (glibc >= 2.33)
 forward (at every tenth tensor saved for backward) and in the backward (at every tenth
 saved tensor unpacked, recomputed segments included), and prints each phase's peak:
 ``in use`` is the live heap, ``heap`` what the heap holds, ``free`` the part of it that
-nothing uses. One fresh
-process, config C (Conv-4/64, 20-way 1-shot, 16 tasks, second order, the per-task path)
-with ``--steps K`` inner steps, after a warm-up step at ``K = 1``.
+nothing uses. One fresh process, config C (Conv-4/64, 20-way 1-shot, 16 tasks, second
+order, the per-task path) with ``--steps K`` inner steps, after a warm-up step at ``K = 1``.
 
     python benchmarks/heap_probe.py --steps 50 --inner-checkpoint auto
     python benchmarks/heap_probe.py --steps 5
@@ -25,24 +24,7 @@ from mamlext.bench.configs import CONFIGS, make_batch
 from mamlext.bench.peers import build_mamlext
 from mamlext.bench.worker import MemoryMeter
 from mamlext.cli import segment_length
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in [
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        ]
-    ]
+from mamlext.inner_checkpoint import _MallInfo2
 
 
 def main() -> None:

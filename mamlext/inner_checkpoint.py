@@ -20,7 +20,10 @@ without a graph). ``n`` that minimises the peak is :math:`\sqrt{K s / g}`: the t
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
@@ -103,19 +106,23 @@ def _segments(state, plan: list[range], step, second_order, inputs, replaying) -
     every segment (``benchmarks/heap_probe.py``).
     """
     results = [[torch.empty_like(t) for t in state] for _ in plan]
+    on_cpu = _GLIBC_HEAP is not None and any(t.device.type == "cpu" for t in state)
+    heap = _GLIBC_HEAP if on_cpu else None
     for steps, out in zip(plan, results):
-        run = _Run(step, steps, second_order, out, inputs, replaying)
+        run = _Run(step, steps, second_order, out, inputs, replaying, heap)
         state = list(_Segment.apply(run, *state, *inputs))
+        if heap is not None:  # the segment's temporaries are freed now
+            heap.release_if_idle()
     return state
 
 
 class _Run:
     """One segment: its steps, and what its backward needs besides the saved state."""
 
-    def __init__(self, step, steps: range, second_order, out, inputs, replaying) -> None:
+    def __init__(self, step, steps: range, second_order, out, inputs, replaying, heap) -> None:
         self.step, self.steps, self.second_order = step, steps, second_order
         self.out, self.size = out, len(out)  # the buffers forward's results are copied to
-        self.inputs, self.replaying = inputs, replaying
+        self.inputs, self.replaying, self.heap = inputs, replaying, heap
         self.rng: _RngState | None = None
 
     def forward(self, state: list[Tensor], replay: bool) -> list[Tensor]:
@@ -125,6 +132,15 @@ class _Run:
             if not replay:  # keep no graph from one step to the next
                 state = [t.detach().requires_grad_() for t in state]
         return state
+
+    def gradients(self, saved, extra, grad_outputs) -> tuple[Tensor, ...]:
+        """The steps again from ``saved``, with their graph, and the gradients through them."""
+        with torch.enable_grad(), self.rng.restored(), self.replaying():
+            leaves = [t.detach().requires_grad_() for t in saved]
+            out = self.forward(leaves, replay=True)
+            return torch.autograd.grad(
+                out, leaves + extra, grad_outputs, allow_unused=True, materialize_grads=True
+            )
 
 
 class _Segment(torch.autograd.Function):
@@ -152,15 +168,81 @@ class _Segment(torch.autograd.Function):
         extra = [t for t, needed in zip(run.inputs, wanted) if needed]
         # allocated before the replay's temporaries, for the reason given in _segments
         kept = [torch.empty_like(t) for t in [*ctx.saved_tensors, *extra]]
-        with torch.enable_grad(), run.rng.restored(), run.replaying():
-            leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-            out = run.forward(leaves, replay=True)
-            grads = torch.autograd.grad(
-                out, leaves + extra, grad_outputs, allow_unused=True, materialize_grads=True
-            )
-        grads = [k.copy_(g) for k, g in zip(kept, grads)]
+        computed = run.gradients(ctx.saved_tensors, extra, grad_outputs)
+        grads = [k.copy_(g) for k, g in zip(kept, computed)]
+        del computed  # the uncopied gradients, freed before the release
+        if run.heap is not None:
+            run.heap.release_if_idle()
         extra_grads = iter(grads[run.size :])
         return (None, *grads[: run.size], *(next(extra_grads) if n else None for n in wanted))
+
+
+class _GlibcHeap:
+    """Hands glibc's free heap pages back to the system when too many are resident.
+
+    Every segment frees its temporaries. glibc keeps freed memory in its heap, and how much
+    of it the next segments cannot reuse depends on the order of allocations: with none
+    handed back, one meta-step at K = 100 peaked at 129 MB of RSS in one run and 1,301 MB
+    in another (``benchmarks/RESULTS.md``). After each segment's forward and backward,
+    when the resident memory that no allocation uses (RSS minus glibc's bytes in use)
+    exceeds its least value seen in this process by ``MARGIN``, ``malloc_trim(0)`` returns
+    the heap's free pages. Not after every segment: each release costs page faults when
+    the memory is used again. Linux with glibc >= 2.33 only (``mallinfo2``).
+    """
+
+    MARGIN = 128 << 20
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        self._libc = libc
+        self._libc.mallinfo2.restype = _MallInfo2
+        self._floor: int | None = None  # least RSS - bytes in use: what cannot be returned
+
+    @classmethod
+    def load(cls) -> _GlibcHeap | None:
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallinfo2, libc.malloc_trim  # noqa: B018 (glibc >= 2.33 has both)
+        except (OSError, AttributeError):
+            return None
+        return cls(libc)
+
+    def release_if_idle(self) -> None:
+        unused = self._unused_resident()
+        self._floor = unused if self._floor is None else min(self._floor, unused)
+        if unused > self._floor + self.MARGIN:
+            self._libc.malloc_trim(0)
+            self._floor = min(self._floor, self._unused_resident())
+
+    def _unused_resident(self) -> int:
+        info = self._libc.mallinfo2()
+        with open("/proc/self/statm") as statm:
+            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return rss - info.uordblks - info.hblkhd
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (``man 3 mallinfo2``)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+_GLIBC_HEAP = _GlibcHeap.load()
 
 
 class _RngState:
