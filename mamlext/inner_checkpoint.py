@@ -16,6 +16,10 @@ The cost is one more forward of each inner step (its support forward and inner g
 without a graph). ``n`` that minimises the peak is :math:`\sqrt{K s / g}`: the textbook
 :math:`\sqrt{K}` when a step's graph is as large as the state; in MAML a step's graph
 (activations) is usually much larger than the parameters, and the best ``n`` is small.
+
+On a CPU with glibc the peak RSS also holds what the allocator keeps of the freed
+segments: the segments' results are allocated before their temporaries, and free pages go
+back to the system when too many stay resident (:class:`_GlibcHeap`; ``docs/memory.md``).
 """
 
 from __future__ import annotations
@@ -182,12 +186,12 @@ class _GlibcHeap:
 
     Every segment frees its temporaries. glibc keeps freed memory in its heap, and how much
     of it the next segments cannot reuse depends on the order of allocations: with none
-    handed back, one meta-step at K = 100 peaked at 129 MB of RSS in one run and 1,301 MB
-    in another (``benchmarks/RESULTS.md``). After each segment's forward and backward,
-    when the resident memory that no allocation uses (RSS minus glibc's bytes in use)
-    exceeds its least value seen in this process by ``MARGIN``, ``malloc_trim(0)`` returns
-    the heap's free pages. Not after every segment: each release costs page faults when
-    the memory is used again. Linux with glibc >= 2.33 only (``mallinfo2``).
+    handed back, single runs of one meta-step at K = 100 peaked between 129 and 1,301 MB of
+    RSS (``docs/memory.md``). After each segment's forward and backward, when the resident
+    memory that no allocation uses (RSS minus glibc's bytes in use) exceeds by ``MARGIN``
+    its least value in this process (measured after a first release), ``malloc_trim(0)``
+    returns the heap's free pages. Not after every segment: each release costs page faults
+    when the memory is used again.
     """
 
     MARGIN = 128 << 20
@@ -199,18 +203,23 @@ class _GlibcHeap:
 
     @classmethod
     def load(cls) -> _GlibcHeap | None:
+        """The process's heap on Linux with glibc >= 2.33 (``mallinfo2``), else ``None``."""
         if not sys.platform.startswith("linux"):
             return None
         try:
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallinfo2, libc.malloc_trim  # noqa: B018 (glibc >= 2.33 has both)
-        except (OSError, AttributeError):
+        except OSError:  # another C library
+            return None
+        if not (hasattr(libc, "mallinfo2") and hasattr(libc, "malloc_trim")):
             return None
         return cls(libc)
 
     def release_if_idle(self) -> None:
+        if self._floor is None:  # the first call: what a release leaves is the floor
+            self._libc.malloc_trim(0)
+            self._floor = self._unused_resident()
         unused = self._unused_resident()
-        self._floor = unused if self._floor is None else min(self._floor, unused)
+        self._floor = min(self._floor, unused)
         if unused > self._floor + self.MARGIN:
             self._libc.malloc_trim(0)
             self._floor = min(self._floor, self._unused_resident())

@@ -5,6 +5,7 @@ the tensors saved for backward grow with the segment length, not with the steps.
 
 import copy
 import itertools
+import os
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 import mamlext
 from mamlext import modules as mm
 from mamlext.bench.memory import SavedTensorMeter
-from mamlext.inner_checkpoint import auto_segment_length
+from mamlext.inner_checkpoint import _GlibcHeap, auto_segment_length
 from tests.models import F64, conv_bn
 
 TASKS, WAYS, SHOTS = 3, 3, 2
@@ -235,3 +236,24 @@ def test_saved_tensors_grow_with_the_segment_not_with_the_steps():
     assert one[16] < 0.5 * stored[16]
     # a longer segment keeps more steps' graphs alive during its recomputation
     assert four - one[16] > 2 * per_step, (four, one[16], per_step)
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(_GlibcHeap.load() is None, reason="Linux with glibc >= 2.33 only")
+def test_unused_resident_heap_memory_goes_back_to_the_system():
+    """Freed memory that glibc keeps resident (holes between live blocks) is returned once
+    it exceeds the margin over the least seen, as the kernel's RSS count shows."""
+    heap = _GlibcHeap.load()
+    heap.release_if_idle()  # the first call releases, and measures what stays: the floor
+    blocks = [torch.ones(25_000) for _ in range(2_500)]  # 100 kB each, in glibc's heap
+    kept = blocks[::10]  # live blocks between the holes keep glibc from trimming them
+    del blocks
+    before = resident_bytes()
+    heap.release_if_idle()
+    released = before - resident_bytes()
+    assert released > 0.8 * (200 << 20), released  # of the ~225 MB freed
+    assert all(bool((block == 1).all()) for block in kept)  # live memory untouched
