@@ -193,7 +193,7 @@ class _GlibcHeap:
     memory that no allocation uses (RSS minus glibc's bytes in use) exceeds by ``MARGIN``
     its least value seen in this process, ``malloc_trim(0)`` returns the heap's free pages.
     Not after every segment: each release costs page faults when the memory is used again
-    (a floor measured after a release, lower, made releases 30 to 100 times as frequent).
+    (a floor measured after a release, lower, made them 5 to 20 times as frequent).
     """
 
     MARGIN = 128 << 20
