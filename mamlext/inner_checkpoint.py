@@ -184,7 +184,7 @@ class _Segment(torch.autograd.Function):
 
 
 class _GlibcHeap:
-    """Hands glibc's free heap pages back to the system when too many are resident.
+    """glibc's heap kept near what the checkpointed loop uses, without fresh pages each segment.
 
     Every segment frees its temporaries. glibc keeps freed memory in its heap, and how much
     of it the next segments cannot reuse depends on the order of allocations: with none
@@ -212,9 +212,10 @@ class _GlibcHeap:
         glibc hands the top of its heap back to the system once more than its trim
         threshold (128 KiB at start, later twice its mmap threshold) is free there, so every
         segment's temporaries were fresh pages again: a third of a checkpointed step's time
-        on a 2-core VM (system time 14 s of 38 s). Freeing a block it had mapped raises both
-        thresholds to that block's size (``man 3 mallopt``, M_MMAP_THRESHOLD), once per
-        process; a process that set them (``MALLOC_*_`` variables, ``mallopt``) keeps its own.
+        on a 2-core VM (system time 14 s of 38 s). Freeing a block it had mapped raises the
+        mmap threshold to that block's size and the trim threshold to twice it (``man 3
+        mallopt``, M_MMAP_THRESHOLD); a process that set them itself (``MALLOC_*_``
+        variables, ``mallopt``) keeps its own.
         """
         if not self._top_kept:
             self._libc.free(self._libc.malloc(30 << 20))
