@@ -234,6 +234,10 @@ class _GlibcHeap:
             return None
         return cls(libc)
 
+    def mallinfo(self) -> _MallInfo2:
+        """glibc's counters of its heap: ``uordblks`` bytes in use, ``arena`` held, ..."""
+        return self._libc.mallinfo2()
+
     def release_if_idle(self) -> None:
         unused = self._unused_resident()
         self._floor = unused if self._floor is None else min(self._floor, unused)
@@ -242,10 +246,14 @@ class _GlibcHeap:
             self._floor = min(self._floor, self._unused_resident())
 
     def _unused_resident(self) -> int:
-        info = self._libc.mallinfo2()
-        with open("/proc/self/statm") as statm:
-            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return rss - info.uordblks - info.hblkhd
+        info = self.mallinfo()
+        return resident_bytes() - info.uordblks - info.hblkhd
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (RSS) in bytes, from ``/proc/self/statm``."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _MallInfo2(ctypes.Structure):

@@ -5,7 +5,6 @@ the tensors saved for backward grow with the segment length, not with the steps.
 
 import copy
 import itertools
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 import mamlext
 from mamlext import modules as mm
 from mamlext.bench.memory import SavedTensorMeter
-from mamlext.inner_checkpoint import _GlibcHeap, auto_segment_length
+from mamlext.inner_checkpoint import _GlibcHeap, auto_segment_length, resident_bytes
 from tests.models import F64, conv_bn
 
 TASKS, WAYS, SHOTS = 3, 3, 2
@@ -236,11 +235,6 @@ def test_saved_tensors_grow_with_the_segment_not_with_the_steps():
     assert one[16] < 0.5 * stored[16]
     # a longer segment keeps more steps' graphs alive during its recomputation
     assert four - one[16] > 2 * per_step, (four, one[16], per_step)
-
-
-def resident_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(_GlibcHeap.load() is None, reason="Linux with glibc >= 2.33 only")

@@ -27,6 +27,7 @@ from mamlext.bench.op import median_ms
 from mamlext.bench.peers import PEERS, PeerUnavailable, build_higher, plan
 from mamlext.bench.report import add_speedups
 from mamlext.data.tasks import Batch
+from mamlext.inner_checkpoint import resident_bytes
 
 # The folder this mamlext was imported from (a source checkout, site-packages, ...): the
 # workers import the same one.
@@ -63,8 +64,7 @@ class MemoryMeter:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return resident_bytes() / 2**20
 
 
 def proc_status_mb(field: str, pid: int | str = "self") -> float | None:
