@@ -26,6 +26,7 @@ from mamlext.train import (
 from tests.conftest import REPO, SHARED_DATA
 
 OMNIGLOT = SHARED_DATA / "omniglot"
+needs_omniglot = pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
 
 
 def quiet(**kwargs) -> TrainConfig:
@@ -38,7 +39,7 @@ def test_sinusoid_adaptation_helps(tmp_path):
     assert after["mean"] + after["ci95"] < before["mean"] - before["ci95"], (before, after)
 
 
-@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+@needs_omniglot
 def test_omniglot_smoke_training_clearly_beats_chance(tmp_path):
     config = quiet(
         dataset="omniglot", data_root=str(OMNIGLOT), ways=5, shots=1, meta_batch=8,
@@ -51,7 +52,7 @@ def test_omniglot_smoke_training_clearly_beats_chance(tmp_path):
     assert len(lines) == 60 and "eval" in json.loads(lines[-1])
 
 
-@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+@needs_omniglot
 @pytest.mark.parametrize("scheme,train_characters", [("vinyals", 1028), ("maml", 1200)])
 def test_split_scheme_chooses_the_training_characters(scheme, train_characters):
     config = TrainConfig(dataset="omniglot", data_root=str(OMNIGLOT), split_scheme=scheme)
@@ -60,7 +61,7 @@ def test_split_scheme_chooses_the_training_characters(scheme, train_characters):
     assert build_sampler(config, "test", 1).num_classes == 423
 
 
-@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+@needs_omniglot
 def test_queries_default_to_as_many_as_the_shots():
     """As the MAML paper's code samples them (cbfinn/maml main.py: 2K examples per class);
     MAML++'s (HowToTrainYourMAMLPytorch experiment_config/: "num_target_samples": 1)."""
@@ -207,7 +208,7 @@ def test_resume_may_add_a_milestone_after_the_checkpoint(tmp_path):
     assert read_metrics(part)[-1]["meta_lr"] == pytest.approx(1e-5)
 
 
-@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+@needs_omniglot
 def test_a_run_moved_to_another_folder_and_data_root_resumes(tmp_path):
     """As when a run goes to a GPU machine with its own copy of the data, and back."""
     data = tmp_path / "data"
@@ -274,11 +275,12 @@ def cli(*args: str):
         (["train", "--algorithm", "reptile"], "unknown algorithm 'reptile'"),
         (["train", "--dataset", "omniglot"], "needs --data-root"),
         (["train", "--dataset", "omniglot", "--data-root", "/nonexistent"], "download"),
-        (
+        pytest.param(
             ["train", "--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--ways", "5000"],
             "5000",
+            marks=needs_omniglot,
         ),
-        (
+        pytest.param(
             [
                 "train",
                 "--dataset",
@@ -291,11 +293,13 @@ def cli(*args: str):
                 "10",
             ],
             "15",
+            marks=needs_omniglot,
         ),
         (["train", "--out", "/proc/forbidden/run"], "cannot write to the output folder"),
-        (
+        pytest.param(
             ["train", "--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--split-scheme", "x"],
             "split_scheme in",
+            marks=needs_omniglot,
         ),
         (["train", "--iterations", "0"], "--iterations must be >= 1"),
         (["train", "--meta-lr-milestones", "0"], "--meta-lr-milestones must be >= 1"),
