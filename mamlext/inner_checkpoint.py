@@ -238,11 +238,15 @@ class _GlibcHeap:
         """glibc's counters of its heap: ``uordblks`` bytes in use, ``arena`` held, ..."""
         return self._libc.mallinfo2()
 
+    def trim(self) -> None:
+        """Hand every free page of the heap back to the system (``malloc_trim(0)``)."""
+        self._libc.malloc_trim(0)
+
     def release_if_idle(self) -> None:
         unused = self._unused_resident()
         self._floor = unused if self._floor is None else min(self._floor, unused)
         if unused > self._floor + self.MARGIN:
-            self._libc.malloc_trim(0)
+            self.trim()
             self._floor = min(self._floor, self._unused_resident())
 
     def _unused_resident(self) -> int:

@@ -242,7 +242,7 @@ def test_unused_resident_heap_memory_goes_back_to_the_system():
     """Freed memory that glibc keeps resident (holes between live blocks) is returned once
     it exceeds the margin over the least seen, as the kernel's RSS count shows."""
     heap = _GlibcHeap.load()
-    heap._libc.malloc_trim(0)  # no free page resident, as in a process that just started
+    heap.trim()  # no free page resident, as in a process that just started
     heap.release_if_idle()  # the least unused memory seen: this process as it is now
     blocks = [torch.ones(25_000) for _ in range(2_500)]  # 100 kB each, in glibc's heap
     kept = blocks[::10]  # live blocks between the holes keep glibc from trimming them

@@ -52,7 +52,7 @@ class MemoryMeter:
             self.reset = True
         except OSError:
             self.reset = False
-        self.baseline = _rss_mb()
+        self.baseline = resident_bytes() / 2**20
 
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
@@ -61,10 +61,6 @@ class MemoryMeter:
         if peak is None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return peak - self.baseline
-
-
-def _rss_mb() -> float:
-    return resident_bytes() / 2**20
 
 
 def proc_status_mb(field: str, pid: int | str = "self") -> float | None:
