@@ -13,7 +13,9 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include <algorithm>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -42,24 +44,38 @@ inline std::vector<at::Tensor> fused_sgd_below_autograd(
 // Function<T> keeps generic bookkeeping for every input and output (36 inputs and 18
 // outputs for a Conv-4) that measured ~15 us per call.
 struct FusedSgdBackward final : torch::autograd::Node {
-  // Edges: params[0..n), grads[0..n), then the present rates.
+  // Edges: params[0..n), grads[0..n), then the present rates. As torch's mul saves each
+  // factor only for the other's gradient, the rates are saved only if some grad needs its
+  // gradient (d/dg = -lr go) and the grads only if some rate does (d/dlr = -g go).
   std::vector<torch::autograd::SavedVariable> rates;  // the lr tensors present, in order
-  std::vector<torch::autograd::SavedVariable> grads;  // saved only if some rate needs grad
+  std::vector<torch::autograd::SavedVariable> grads;  // all n, or none
   std::vector<bool> present;                          // lrs[i] is a tensor
+  std::vector<std::vector<int64_t>> rate_sizes;       // each present rate's shape
   std::vector<double> scalars;                        // lr_scalars
+  bool saved_any = false;  // rates or grads were saved
+  // Set by release_variables (a backward without retain_graph): the saved tensors are gone.
+  bool released = false;
 
   std::string name() const override {
     return "FusedSgdBackward";
   }
 
+  // As torch's generated nodes for their saved tensor lists: clear them, remember that they
+  // were cleared, and answer a second backward with torch's own error (apply, below).
   void release_variables() override {
+    const std::lock_guard<std::mutex> lock(mutex_);
     rates.clear();
     grads.clear();
+    released = true;
   }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_outs) override {
+    const std::lock_guard<std::mutex> lock(mutex_);
     const size_t n = present.size();
-    torch::autograd::variable_list result(2 * n + rates.size());
+    // Where nothing was saved (float rates, say), a second backward is valid, as through
+    // torch's add(p, g, alpha=-lr); otherwise the saved tensors must still be there.
+    TORCH_CHECK(!(released && saved_any), torch::autograd::ERR_BACKWARD_TWICE);
+    torch::autograd::variable_list result(2 * n + rate_sizes.size());
     for (size_t i = 0; i < n; ++i) {
       if (task_should_compute_output(i)) {
         result[i] = grad_outs[i];
@@ -84,12 +100,13 @@ struct FusedSgdBackward final : torch::autograd::Node {
         }
         continue;
       }
-      const at::Tensor lr = rates[rate].unpack();
-      if (task_should_compute_output(n + i)) {
-        result[n + i] = -(lr * go);
+      if (task_should_compute_output(n + i)) {  // grads[i] needs its gradient: rates saved
+        TORCH_INTERNAL_ASSERT(rate < rates.size());
+        result[n + i] = -(rates[rate].unpack() * go);
       }
-      if (task_should_compute_output(2 * n + rate)) {  // then the grads were saved
-        result[2 * n + rate] = -(grads[i].unpack() * go).sum_to_size(lr.sizes());
+      if (task_should_compute_output(2 * n + rate)) {  // the rate needs it: grads saved
+        TORCH_INTERNAL_ASSERT(i < grads.size());
+        result[2 * n + rate] = -(grads[i].unpack() * go).sum_to_size(rate_sizes[rate]);
       }
     }
     if (!scalar_outs.empty()) {
@@ -139,15 +156,20 @@ inline std::vector<at::Tensor> fused_sgd_autograd(
   auto& backward = static_cast<FusedSgdBackward&>(*node);
   node->set_next_edges(
       torch::autograd::collect_next_edges(params, grads, at::TensorList(rates)));
-  bool rate_needs_grad = false;
-  for (const at::Tensor& rate : rates) {
-    backward.rates.emplace_back(rate, /*is_output=*/false);
-    rate_needs_grad = rate_needs_grad || rate.requires_grad();
+  const auto needs_grad = [](const at::Tensor& t) { return t.requires_grad(); };
+  if (std::any_of(grads.begin(), grads.end(), needs_grad)) {
+    for (const at::Tensor& rate : rates) {
+      backward.rates.emplace_back(rate, /*is_output=*/false);
+    }
   }
-  if (rate_needs_grad) {
+  if (std::any_of(rates.begin(), rates.end(), needs_grad)) {
     for (const at::Tensor& grad : grads) {
       backward.grads.emplace_back(grad, /*is_output=*/false);
     }
+  }
+  backward.saved_any = !backward.rates.empty() || !backward.grads.empty();
+  for (const at::Tensor& rate : rates) {
+    backward.rate_sizes.emplace_back(rate.sizes().vec());
   }
   backward.present = std::move(present);
   backward.scalars.assign(lr_scalars.begin(), lr_scalars.end());

@@ -147,27 +147,31 @@ def _(params, grads, lrs, lr_scalars):
     return [p.new_empty(p.shape) for p in params]
 
 
-def _backward_formula(
-    grads: Sequence[Tensor],
-    lrs: Sequence[Optional[Tensor]],
-    lr_scalars: Sequence[float],
-    grad_outs: Sequence[Optional[Tensor]],
-) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]], list[Optional[Tensor]]]:
-    """Vector-Jacobian products w.r.t. (params, grads, lrs); differentiable itself."""
-    grad_params = list(grad_outs)
+def _backward_formula(ctx, grad_outs: Sequence[Optional[Tensor]]):
+    """Vector-Jacobian products w.r.t. (params, grads, lrs), from what
+    :func:`_save_for_backward` kept in ``ctx``; differentiable itself.
+
+    Returns three per-tensor lists (``None`` where no gradient flows: a rate that is absent,
+    or a factor that was not saved because nothing needed it).
+    """
+    # (reading ctx.saved_tensors after a backward without retain_graph raises, even if empty)
+    saved = iter(ctx.saved_tensors if ctx.rates_saved or ctx.grads_saved else ())
+    rates = [next(saved) for _ in ctx.rate_shapes] if ctx.rates_saved else None
+    grads = list(saved) if ctx.grads_saved else None
     grad_grads: list[Optional[Tensor]] = []
     grad_lrs: list[Optional[Tensor]] = []
-    for g, lr, scalar, go in zip(grads, lrs, lr_scalars, grad_outs):
-        if go is None:
-            grad_grads.append(None)
+    rate = 0  # index of entry i's rate among the present ones
+    for i, (present, scalar, go) in enumerate(zip(ctx.lr_present, ctx.lr_scalars, grad_outs)):
+        if go is None or not present:
+            grad_grads.append(None if go is None else go * -scalar)
             grad_lrs.append(None)
-        elif lr is None:
-            grad_grads.append(go * -scalar)
-            grad_lrs.append(None)
-        else:
-            grad_grads.append(-(lr * go))
-            grad_lrs.append(-(g * go).sum_to_size(lr.shape))
-    return grad_params, grad_grads, grad_lrs
+            continue
+        grad_grads.append(None if rates is None else -(rates[rate] * go))
+        grad_lrs.append(
+            None if grads is None else -(grads[i] * go).sum_to_size(ctx.rate_shapes[rate])
+        )
+        rate += 1
+    return list(grad_outs), grad_grads, grad_lrs
 
 
 def _jvp_formula(grads, lrs, lr_scalars, params_t, grads_t, lrs_t) -> list[Tensor]:
@@ -195,19 +199,26 @@ def _setup_op_context(ctx, inputs, output) -> None:
         )
     ctx.lr_scalars = list(lr_scalars)
     ctx.lr_present = [lr is not None for lr in lrs]
-    ctx.save_for_backward(*grads, *[lr for lr in lrs if lr is not None])
+    _save_for_backward(ctx, grads, [lr for lr in lrs if lr is not None])
 
 
-def _unpack_saved(saved: Sequence[Tensor], lr_present: Sequence[bool]):
-    n = len(lr_present)
-    grads, rest = list(saved[:n]), iter(saved[n:])
-    lrs = [next(rest) if present else None for present in lr_present]
-    return grads, lrs
+def _save_for_backward(ctx, grads: Sequence[Tensor], rates: Sequence[Tensor]) -> None:
+    """Save each factor of ``lr * g`` only for the other's gradient, as torch's ``mul`` does.
+
+    The rates if some grad needs its gradient (d/dg = -lr go), the grads if some rate does
+    (d/dlr = -g go): the C++ rule's choice (``csrc/autograd.h``). Where nothing is saved
+    (float rates, say), a second backward through the graph is valid, as through torch's
+    ``add(p, g, alpha=-lr)``; elsewhere it raises torch's "backward through the graph a
+    second time".
+    """
+    ctx.rates_saved = bool(rates) and any(g.requires_grad for g in grads)
+    ctx.grads_saved = any(rate.requires_grad for rate in rates)
+    ctx.rate_shapes = [rate.shape for rate in rates]
+    ctx.save_for_backward(*(rates if ctx.rates_saved else ()), *(grads if ctx.grads_saved else ()))
 
 
 def _op_backward(ctx, grad_outs):
-    grads, lrs = _unpack_saved(ctx.saved_tensors, ctx.lr_present)
-    grad_params, grad_grads, grad_lrs = _backward_formula(grads, lrs, ctx.lr_scalars, grad_outs)
+    grad_params, grad_grads, grad_lrs = _backward_formula(ctx, grad_outs)
     # torch.library treats a Tensor?[] holding a None as one non-differentiable leaf.
     return grad_params, grad_grads, grad_lrs if all(ctx.lr_present) else None, None
 
@@ -260,19 +271,20 @@ class _FusedSGD(torch.autograd.Function):
         lr_scalars, lr_present, *tensors = inputs
         n = len(lr_present)
         ctx.lr_scalars, ctx.lr_present = lr_scalars, lr_present
-        ctx.save_for_backward(*tensors[n:])
+        _save_for_backward(ctx, tensors[n : 2 * n], tensors[2 * n :])
         ctx.save_for_forward(*tensors[n:])
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        grads, lrs = _unpack_saved(ctx.saved_tensors, ctx.lr_present)
-        grad_params, grad_grads, grad_lrs = _backward_formula(grads, lrs, ctx.lr_scalars, grad_outs)
+        grad_params, grad_grads, grad_lrs = _backward_formula(ctx, grad_outs)
         grad_lrs = [g for g, present in zip(grad_lrs, ctx.lr_present) if present]
         return None, None, *grad_params, *grad_grads, *grad_lrs
 
     @staticmethod
     def jvp(ctx, _lr_scalars, _lr_present, *tangents):
-        grads, lrs = _unpack_saved(ctx.saved_tensors, ctx.lr_present)
+        n = len(ctx.lr_present)
+        grads, rates = ctx.saved_tensors[:n], iter(ctx.saved_tensors[n:])
+        lrs = [next(rates) if present else None for present in ctx.lr_present]
         params_t, grads_t, lrs_t = _split(tangents, ctx.lr_present)
         return tuple(_jvp_formula(grads, lrs, ctx.lr_scalars, params_t, grads_t, lrs_t))
 
