@@ -522,13 +522,32 @@ class MAML(nn.Module):
         (``[N]`` targets for ``[N, 1]`` outputs: an ``[N, N]`` loss mixing samples, and tasks
         on the task-batched path.) Only for the losses MAML knows (``per_sample_loss``).
         """
-        if self.per_sample_loss and targets.is_floating_point() and outputs.shape != targets.shape:
+        if not (self.per_sample_loss and targets.is_floating_point()):
+            return
+        if outputs.shape != targets.shape and _base_loss(self.loss_fn) in _CLASS_INDEX_LOSSES:
+            raise ValueError(
+                f"the targets of a task are {targets.dtype} of shape {tuple(targets.shape)} for "
+                f"outputs of shape {tuple(outputs.shape)}: class targets must be integer "
+                "indices (targets.long(): torch.int64 labels 0..C-1), or class probabilities "
+                "of the outputs' shape"
+            )
+        if outputs.shape != targets.shape:
             raise ValueError(
                 f"the outputs of a task have shape {tuple(outputs.shape)} but its targets "
                 f"{tuple(targets.shape)}: the loss would broadcast them against each other, "
                 "mixing samples (and tasks). Give the targets the outputs' shape, e.g. "
                 "targets.unsqueeze(-1) for [T, N] targets of a [T, N, 1] regression"
             )
+
+
+def _base_loss(loss_fn: LossFn) -> LossFn:
+    """The function inside any ``functools.partial`` wrappers."""
+    while isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    return loss_fn
+
+
+_CLASS_INDEX_LOSSES = (F.cross_entropy, F.nll_loss)  # targets: class indices (or probabilities)
 
 
 def _plain_mean_loss(loss_fn: LossFn) -> bool:

@@ -371,8 +371,13 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     """
     config = config.resolved()
     world = distributed.World.from_environment(config.device)
+    # Everything that can refuse the command is checked before the output folder is
+    # touched, so that a refused command leaves it as it was (no train.lock, no folder).
+    samplers = _build_samplers(config, world)
+    if config.resume:
+        _check_resumable(config, world)
     with _exclusive_use(Path(config.out)) if world.is_main else contextlib.nullcontext():
-        run = _set_up(config, world)
+        run = _set_up(config, world, *samplers)
         try:
             return _train(run)
         except OSError as error:  # e.g. a full disk; checkpoints are written atomically
@@ -423,30 +428,43 @@ def _exclusive_use(out: Path) -> Iterator[None]:
         yield
 
 
-def _set_up(config: TrainConfig, world: distributed.World) -> _Run:
-    """Model, optimizer and task samplers of a new run, or of the checkpoint's run to resume."""
+def _build_samplers(config: TrainConfig, world: distributed.World) -> tuple[Any, Any]:
+    """This rank's training tasks and the test split's tasks (the data is read here)."""
+    world.share(config.meta_batch)  # at least one task per process
+    sampler = build_sampler(config, "train", config.seed, rank=world.rank)
+    return sampler, build_sampler(config, "test", config.seed + 1)
+
+
+def _set_up(config: TrainConfig, world: distributed.World, sampler, eval_sampler) -> _Run:
+    """Model and optimizer of a new run, or of the checkpoint's run to resume."""
     torch.manual_seed(config.seed)
     maml = build_maml(config).to(world.device)
     world.broadcast_parameters(maml)
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
-    world.share(config.meta_batch)  # at least one task per process
-    sampler = build_sampler(config, "train", config.seed, rank=world.rank)
-    eval_sampler = build_sampler(config, "test", config.seed + 1)
     run = _Run(config, world, maml, optimizer, sampler, eval_sampler)
     if config.resume:
         _restore(run)
     return run
 
 
-def _restore(run: _Run) -> None:
-    """Continue from the checkpoint: parameters, Adam, this rank's task stream, the torch RNG."""
-    state, saved = load_run_checkpoint(run.checkpoint_path)
-    _check_same_run(saved, run.config, state["iteration"])
-    if len(state["samplers"]) != run.world.size:
+def _check_resumable(config: TrainConfig, world: distributed.World) -> dict[str, Any]:
+    """The checkpoint in ``config.out``, refused unless this run can continue it."""
+    state, saved = load_run_checkpoint(Path(config.out) / "checkpoint.pt")
+    _check_same_run(saved, config, state["iteration"])
+    if len(state["samplers"]) != world.size:
         raise CheckpointError(
             f"the checkpoint was written by {len(state['samplers'])} process(es); resume "
-            f"with the same number (now {run.world.size}) to continue every task stream"
+            f"with the same number (now {world.size}) to continue every task stream"
         )
+    return state
+
+
+def _restore(run: _Run) -> None:
+    """Continue from the checkpoint: parameters, Adam, this rank's task stream, the torch RNG.
+
+    Read again under the folder's lock (:func:`train` checked it before taking the lock).
+    """
+    state = _check_resumable(run.config, run.world)
     run.maml.load_state_dict(state["maml"])
     try:
         run.optimizer.load_state_dict(state["optimizer"])

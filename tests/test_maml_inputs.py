@@ -85,3 +85,16 @@ def test_an_out_of_range_label_names_the_task_and_the_label(batched):
     yq[1, 0] = -3
     with pytest.raises(ValueError, match=r"task 1 has target -3 \(sample 0\)"):
         classification(batched)(xs, ys, xq, yq)
+
+
+@pytest.mark.parametrize("batched", PATHS)
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll_loss"])
+def test_float_class_targets_are_named_as_a_dtype_mistake(batched, loss):
+    """[T, N] float labels for a classification loss: the fix is the dtype, not the shape."""
+    torch.manual_seed(0)
+    maml = mamlext.MAML(mlp((4, 8, 3)), step_size=0.1, batched=batched, loss_fn=getattr(F, loss))
+    x, y = torch.randn(2, 6, 4), torch.arange(3).repeat(2, 2)
+    with pytest.raises(ValueError, match=r"torch\.float32 of shape \(6,\).*integer indices"):
+        maml(x, y.float(), x, y.float())
+    loss, _ = maml(x, y, x, y)  # integer labels train
+    assert torch.isfinite(loss)

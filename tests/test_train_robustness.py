@@ -196,6 +196,39 @@ def test_a_checkpoint_not_of_this_run_is_one_clear_line(good_run, tmp_path, caps
         assert re.search(message, err), err
 
 
+class _Code:
+    """Pickled by reference: a checkpoint holding it holds code, which mamlext never loads."""
+
+
+REFUSED = {
+    "corrupt": lambda path: path.write_bytes(b"not a checkpoint"),
+    "holding code": lambda path: torch.save({"iteration": 1, "payload": _Code()}, path),
+    "of another run": lambda path: shutil.copy(path.parent.parent / "good.pt", path),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_resume_leaves_the_folder_as_it_found_it(good_run, tmp_path, capsys, case):
+    shutil.copy(good_run / "checkpoint.pt", tmp_path / "good.pt")
+    out = tmp_path / "run"
+    out.mkdir()
+    REFUSED[case](out / "checkpoint.pt")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    args = ["train", "--resume", "--iterations", "4", "--eval-every", "2", "--out", str(out)]
+    other = ["--meta-lr", "0.5"] if case == "of another run" else []
+    assert main([*args, *other, *SMALL]) == 2
+    assert "checkpoint" in one_error_line(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # no train.lock
+
+
+def test_a_resume_of_a_missing_folder_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "never-trained"
+    args = ["train", "--resume", "--iterations", "4", "--out", str(out), *SMALL]
+    assert main(args) == 2
+    assert "no checkpoint at" in one_error_line(capsys)
+    assert not out.exists()
+
+
 # ---- two processes, SIGTERM, a crash ------------------------------------------------------
 
 
