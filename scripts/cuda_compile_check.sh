@@ -12,7 +12,10 @@
 # compiler output and exits 1. Environment (each kept if already set): CUDA_HOME
 # (default /usr/local/cuda when it has bin/nvcc, else derived from nvcc), TORCH_CUDA_ARCH_LIST
 # (default 9.0), CUDA_INC_PATH (default <site-packages>/nvidia/cu13/include when present,
-# for the cusparse.h that ATen/cuda/CUDAContext.h includes).
+# for the cusparse.h that ATen/cuda/CUDAContext.h includes). With torch's CUDA 12 wheels the
+# library headers lie in <site-packages>/nvidia/<library>/include instead: those of the
+# libraries torch's headers include (cuBLAS, cuSPARSE, cuSOLVER, cuRAND, cuFFT) are added to
+# the include path, as a full toolkit's CUDA_HOME/include would hold them.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -76,6 +79,14 @@ import sys
 from torch.utils import cpp_extension
 
 source_dir, csrc, build_dir = sys.argv[1:]
+import torch
+
+site = os.path.dirname(os.path.dirname(torch.__file__))
+libraries = [
+    os.path.join(site, "nvidia", name, "include")
+    for name in ("cublas", "cusparse", "cusolver", "curand", "cufft")
+    if os.path.isdir(os.path.join(site, "nvidia", name, "include"))
+]
 # The same rule as mamlext/ops/_native.py: every .cu/.cpp file of csrc/cuda/.
 sources = sorted(glob.glob(os.path.join(source_dir, "*.cu")) + glob.glob(os.path.join(source_dir, "*.cpp")))
 try:  # a venv's ninja is not on PATH unless the venv is active
@@ -89,7 +100,7 @@ try:
     cpp_extension.load(
         name="mamlext_cuda_compile_check",
         sources=sources,
-        extra_include_paths=[csrc],
+        extra_include_paths=[csrc, *libraries],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "-Xptxas=-v"],
         is_python_module=False,

@@ -309,6 +309,7 @@ def test_torchvision_whose_import_raises_is_replaced_by_the_stand_in(tmp_path):
     )
 
 
+@needs_torchmeta
 def test_torchmeta_and_mamlext_layers_mix_in_one_model_inside_mamlext_maml():
     """torchmeta's Meta layers inside mamlext containers and the other way round, under
     mamlext.MAML (per-task loop), equal higher on the plain twin model."""

@@ -54,8 +54,11 @@ def test_the_wheel_installed_in_a_clean_venv_builds_its_kernel(tmp_path):
     run(python, "-m", "venv", venv, cwd=tmp_path, env=env)
     venv_python = venv / "bin" / "python"
     torch_version = torch.__version__.split("+")[0]
+    # The exact torch that runs is the one constraint: a site-wide pip constraint file (this
+    # project's machines cap torch at 2.14.1) would refuse a newer one.
+    pinned = {**env, "PIP_CONSTRAINT": os.devnull}
     run(venv_python, "-m", "pip", "install", "--quiet", f"torch=={torch_version}",
-        cwd=tmp_path, env=env)  # fmt: skip
+        cwd=tmp_path, env=pinned)  # fmt: skip
     run(venv_python, "-m", "pip", "install", "--quiet", wheel, cwd=tmp_path, env=env)
 
     # Outside the repo, with an empty extension cache: the kernel compiles from the venv.

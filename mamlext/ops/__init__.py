@@ -130,7 +130,11 @@ def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
-@torch.library.custom_op("mamlext::fused_sgd", mutates_args=())
+SCHEMA = "(Tensor[] params, Tensor[] grads, Tensor?[] lrs, float[] lr_scalars) -> Tensor[]"
+
+
+# The schema is spelled out (torch < 2.6 cannot infer one from list[Tensor] annotations).
+@torch.library.custom_op("mamlext::fused_sgd", mutates_args=(), schema=SCHEMA)
 def _fused_sgd_op(
     params: list[Tensor],
     grads: list[Tensor],
