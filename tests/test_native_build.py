@@ -123,6 +123,80 @@ def test_failed_build_falls_back_with_one_warning_naming_the_cause(tmp_path):
     assert "native cpu kernel is unavailable (build failed:" in result.stdout
     assert "error" in result.stdout.lower()  # the compiler's own message is quoted
     assert status_line(result.stdout).startswith("STATUS reference | build failed:")
+    # The next process (another rank, another test) does not compile again: it remembers.
+    again = run_python(
+        code, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "MAMLEXT_NO_NATIVE": ""}
+    )
+    assert again.returncode == 0, again.stderr
+    assert "compiling" not in again.stderr
+    assert "WARNINGS 1" in again.stdout and "remembered from an earlier process" in again.stdout
+    # Other sources are another build: it is tried.
+    broken.write_text("still not C++;\n")
+    third = run_python(
+        code, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "MAMLEXT_NO_NATIVE": ""}
+    )
+    assert "compiling" in third.stderr and "remembered" not in third.stdout
+
+
+def test_a_kernel_that_loads_but_cannot_run_is_replaced_by_the_reference():
+    """A library built for other GPUs loads and fails at its first launch: the trial call
+    at load time finds it (simulated here on the CPU with wrong values), the reference is
+    registered over it, one warning names the cause, and results stay right."""
+    code = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        import mamlext.ops._native as native
+
+        class WrongEquals:  # the trial's check sees wrong values
+            def __getattr__(self, name):
+                return (lambda a, b: False) if name == "equal" else getattr(torch, name)
+
+        native.torch = WrongEquals()
+        import mamlext
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            p = [torch.randn(5, dtype=torch.float64)]
+            g = [torch.randn(5, dtype=torch.float64)]
+            out = mamlext.fused_sgd(p, g, 0.5)
+        torch.testing.assert_close(out[0], p[0] - 0.5 * g[0])
+        print("WARNINGS", len([w for w in caught if issubclass(w.category, RuntimeWarning)]))
+        status = mamlext.backend_info()["cpu"]
+        print("STATUS", status.kernel, "|", status.reason)
+        dump = torch._C._dispatch_dump("mamlext::fused_sgd")
+        print("SERVING", [line for line in dump.splitlines() if line.startswith("CPU:")])
+        """
+    )
+    result = run_python(code, {"MAMLEXT_NO_NATIVE": ""})
+    assert result.returncode == 0, result.stderr
+    assert "WARNINGS 1" in result.stdout
+    assert "STATUS reference | cannot run here: the cpu kernel was built but its trial call" in (
+        result.stdout
+    )
+    serving = next(line for line in result.stdout.splitlines() if line.startswith("SERVING"))
+    assert "_native.py" in serving and "fused_sgd.cpp" not in serving, serving
+
+
+def test_required_native_kernel_that_does_not_serve_is_an_error():
+    code = textwrap.dedent(
+        """
+        import torch, mamlext
+        from mamlext.ops._native import NativeKernelMissing
+        print("INFO", mamlext.backend_info()["cpu"].kernel)  # reporting never raises
+        try:
+            mamlext.fused_sgd([torch.zeros(2)], [torch.ones(2)], 0.5)
+        except NativeKernelMissing as error:
+            print("RAISED", error)
+        """
+    )
+    result = run_python(code, {"MAMLEXT_NO_NATIVE": "1", "MAMLEXT_REQUIRE_NATIVE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "INFO reference" in result.stdout
+    assert "RAISED mamlext: MAMLEXT_REQUIRE_NATIVE=1, but the native cpu kernel" in result.stdout
+    assert "disabled by MAMLEXT_NO_NATIVE=1" in result.stdout
+    served = run_python(CHECK_VALUES, {"MAMLEXT_NO_NATIVE": "", "MAMLEXT_REQUIRE_NATIVE": "1"})
+    assert served.returncode == 0, served.stderr  # the native kernel serves: no error
+    assert status_line(served.stdout).startswith("STATUS native |")
 
 
 @pytest.mark.slow

@@ -59,9 +59,9 @@ inline void check_fused_sgd_inputs(
     const at::Tensor& g = grads[i];
     // One kernel reads the whole list, so every tensor must be on params[0]'s device.
     TORCH_CHECK_VALUE(
-        p.device() == params[0].device() && p.device().type() == device_type,
-        "mamlext.fused_sgd: params[", i, "] is on ", p.device(), " but params[0] is on ",
-        params[0].device(), "; all tensors must be on one device");
+        p.device() == params[0].device(), "mamlext.fused_sgd: params[", i, "] is on ",
+        p.device(), " but params[0] is on ", params[0].device(),
+        "; all tensors must be on one device");
     TORCH_CHECK_TYPE(
         at::isFloatingType(p.scalar_type()),
         "mamlext.fused_sgd: params[", i, "] has dtype ", py_dtype(p.scalar_type()),
@@ -94,6 +94,10 @@ inline void check_fused_sgd_inputs(
         broadcasts, "mamlext.fused_sgd: lrs[", i, "] of shape ", py_shape(lr->sizes()),
         " does not broadcast to params[", i, "] of shape ", py_shape(p.sizes()));
   }
+  // Every tensor is on params[0]'s device now; the dispatcher chose this kernel by it.
+  TORCH_INTERNAL_ASSERT(
+      n == 0 || params[0].device().type() == device_type, "mamlext.fused_sgd: a ",
+      c10::DeviceTypeName(device_type), " kernel was called for tensors on ", params[0].device());
 }
 
 inline LrLayout lr_layout(const std::optional<at::Tensor>& lr, double scalar, const at::Tensor& p) {

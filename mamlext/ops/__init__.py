@@ -133,16 +133,21 @@ def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
 SCHEMA = "(Tensor[] params, Tensor[] grads, Tensor?[] lrs, float[] lr_scalars) -> Tensor[]"
 
 
-# The schema is spelled out (torch < 2.6 cannot infer one from list[Tensor] annotations).
-@torch.library.custom_op("mamlext::fused_sgd", mutates_args=(), schema=SCHEMA)
-def _fused_sgd_op(
+def checked_reference_kernel(
     params: list[Tensor],
     grads: list[Tensor],
     lrs: list[Optional[Tensor]],
     lr_scalars: list[float],
 ) -> list[Tensor]:
+    """The op's pure-PyTorch kernel: the input checks, then :func:`reference_fused_sgd`."""
     _check_inputs(params, grads, lrs, lr_scalars)
     return reference_fused_sgd(params, grads, lrs, lr_scalars)
+
+
+# The schema is spelled out (torch < 2.6 cannot infer one from list[Tensor] annotations).
+_fused_sgd_op = torch.library.custom_op("mamlext::fused_sgd", mutates_args=(), schema=SCHEMA)(
+    checked_reference_kernel
+)
 
 
 @_fused_sgd_op.register_fake

@@ -5,7 +5,7 @@
 # Before the first call, on the CPU machine (.gpu-data/ is git-ignored):
 #   mkdir -p .gpu-data && cp DIR/omniglot_28x28.npz .gpu-data/   # 5.6 MB
 # Each call (device tool), carrying [".gpu-data", "runs/gpu"]:
-#   SECONDS_LIMIT=480 scripts/gpu_train.sh [mamlext train options]
+#   SECONDS_LIMIT=480 scripts/gpu/train.sh [mamlext train options]
 # Training stops after SECONDS_LIMIT; checkpoints are atomic, so the run stays resumable
 # from its last one (every --eval-every iterations). The run folder comes back in
 # $OUT/run: copy it to runs/gpu before the next call, which then resumes it.
