@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/mamlext bench --quick
+	$(BIN)/mamlext bench --quick --out benchmarks/results
 
 info: $(STAMP)
 	$(BIN)/mamlext info

@@ -17,7 +17,7 @@ from setuptools import setup
 
 
 def sources(device_type):
-    """Every source file of mamlext/csrc/<device_type>/, as mamlext/ops/_native.py builds."""
+    """Every source file of mamlext/csrc/<device_type>/, as mamlext/ops/native.py builds."""
     folder = os.path.join("mamlext", "csrc", device_type)
     return sorted(
         glob.glob(os.path.join(folder, "*.cpp")) + glob.glob(os.path.join(folder, "*.cu"))

@@ -7,8 +7,11 @@ so that ``mamlext bench`` runs the same code from an installed package. Extra op
 """
 
 import sys
+from pathlib import Path
 
 from mamlext.bench import build_parser, main
 
 if __name__ == "__main__":
-    sys.exit(main(build_parser().parse_args()))
+    parser = build_parser()
+    parser.set_defaults(out=str(Path(__file__).resolve().parent / "results"))  # this checkout's
+    sys.exit(main(parser.parse_args()))

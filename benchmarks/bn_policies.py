@@ -17,8 +17,7 @@ import json
 
 import torch
 
-from mamlext.checkpoint import load_checkpoint
-from mamlext.train import TrainConfig, build_maml, build_sampler, evaluate, train
+from mamlext.train import TrainConfig, build_maml, build_sampler, evaluate, load_checkpoint, train
 
 POLICIES = ("transductive", "per_step", "running")
 UNTRAINED = "transductive-trained, evaluated with untrained running stats"

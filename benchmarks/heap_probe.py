@@ -23,7 +23,7 @@ from mamlext.bench.configs import CONFIGS, make_batch
 from mamlext.bench.peers import build_mamlext
 from mamlext.bench.worker import MemoryMeter
 from mamlext.cli import segment_length
-from mamlext.inner_checkpoint import _GLIBC_HEAP
+from mamlext.heap import HEAP
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--inner-checkpoint", type=segment_length, help="auto or a segment length")
     args = parser.parse_args()
     setting = args.inner_checkpoint
-    if _GLIBC_HEAP is None:
+    if HEAP is None:
         raise SystemExit("heap_probe.py needs Linux with glibc >= 2.33 (mallinfo2)")
     peaks = {phase: {"in use": 0.0, "heap": 0.0, "free": 0.0} for phase in ("forward", "backward")}
     calls = {"forward": 0, "backward": 0}
@@ -40,7 +40,7 @@ def main() -> None:
     def sample(phase: str) -> None:
         calls[phase] += 1
         if calls[phase] % 10 == 0:  # mallinfo2 walks the heap's free lists: not every call
-            info = _GLIBC_HEAP.mallinfo()
+            info = HEAP.mallinfo()
             peak = peaks[phase]
             peak["in use"] = max(peak["in use"], info.uordblks / 2**20)
             if info.arena / 2**20 > peak["heap"]:
@@ -58,7 +58,7 @@ def main() -> None:
     batch = make_batch(cfg, torch.device("cpu"), torch.float32)
     build_mamlext(dataclasses.replace(cfg, steps=1), batch).step()  # warm-up, K = 1
     built = build_mamlext(cfg, batch, inner_checkpoint=setting)
-    start = _GLIBC_HEAP.mallinfo()
+    start = HEAP.mallinfo()
     meter = MemoryMeter(torch.device("cpu"))
     meter.start()
     with torch.autograd.graph.saved_tensors_hooks(packed, unpacked):

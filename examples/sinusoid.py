@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import mamlext
 from mamlext.data import Sinusoid
 from mamlext.models import mlp
-from mamlext.plots import regression_fits
+from mamlext.train.plots import regression_fits
 
 
 def main(args):

@@ -231,10 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mamlext.checkpoint import CheckpointError
     from mamlext.data.omniglot import CorruptDataError
     from mamlext.distributed import PeerFailure
-    from mamlext.train import OutFolderInUse, RunStopped
+    from mamlext.train import CheckpointError, OutFolderInUse, RunStopped
 
     try:
         return args.run(args)

@@ -3,9 +3,9 @@
 Each rank adapts its share of the meta-batch (task-batched) and the meta-gradients are
 averaged with ONE explicit all-reduce of a flat buffer per step. Not DDP: DDP's
 gradient hooks do not support ``torch.autograd.grad``, which every MAML inner step
-calls, and the learned step sizes live outside the model. BatchNorm running statistics
-(policies ``per_step``/``running``) are averaged the same way, so every rank keeps the
-state one process would have with the whole meta-batch.
+calls, and the learned step sizes live outside the model. Buffers the caller hands over
+(MAML's BatchNorm running statistics, policies ``per_step``/``running``) are averaged the
+same way, so every rank keeps the state one process would have with the whole meta-batch.
 
 A rank that dies makes the collectives of the others fail after ``MAMLEXT_DIST_TIMEOUT``
 seconds (default 120) with an error naming the cause, instead of hanging (torchrun also
@@ -18,13 +18,12 @@ import dataclasses
 import datetime
 import importlib
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from mamlext.maml import MAML
 
 
 class PeerFailure(RuntimeError):
@@ -91,22 +90,23 @@ class World:
             )
         return slice(self.rank * total // self.size, (self.rank + 1) * total // self.size)
 
-    def average_gradients(self, module: nn.Module, tasks: int = 1) -> None:
-        r"""Average over ranks ``.grad`` of every parameter and the trained BN statistics.
+    def average_gradients(
+        self, module: nn.Module, tasks: int = 1, buffers: Sequence[torch.Tensor] = ()
+    ) -> None:
+        r"""Average over ranks ``.grad`` of every parameter of ``module``, and ``buffers``.
 
         Rank :math:`r`'s values are weighted by its ``tasks`` :math:`n_r`:
         :math:`\sum_r n_r x_r / \sum_r n_r`, so ranks whose gradients are means over
         unequal shares of a meta-batch give the gradient of the mean over all its tasks,
-        as one process would (one all-reduce). The statistics: ``bn_policy.statistics()``
-        of each :class:`~mamlext.MAML` in ``module`` (policies ``per_step``/``running``);
-        a committed set is linear in the tasks' mean, so the same weights apply.
+        as one process would (one all-reduce). ``buffers`` are averaged in place with the
+        same weights: MAML's trained BatchNorm statistics (``maml.bn_policy.statistics()``,
+        policies ``per_step``/``running``), which are linear in the tasks' mean.
         """
         if self.size == 1:
             return
         params = [p for p in module.parameters() if p.requires_grad]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        policies = [m.bn_policy for m in module.modules() if isinstance(m, MAML)]
-        stats = [t for policy in policies for t in policy.statistics()]
+        stats = list(buffers)
         flat = torch.cat([t.reshape(-1) for t in grads + stats])
         weight = flat.new_full((1,), float(tasks))
         flat = torch.cat([flat * weight, weight])

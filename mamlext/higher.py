@@ -12,13 +12,13 @@ import higher
 import higher.optim
 import torch
 
-from mamlext.ops import fused_sgd
+from mamlext.inner import sgd_update
 
 __all__ = ["FusedDifferentiableSGD", "register"]
 
 
 class FusedDifferentiableSGD(higher.optim.DifferentiableOptimizer):
-    """A differentiable SGD whose parameter update is one ``mamlext.fused_sgd`` call."""
+    """A differentiable SGD whose parameter update is one fused call (``mamlext.inner.sgd_update``)."""
 
     def _update(self, grouped_grads, **kwargs) -> None:
         where, params, grads, lrs = [], [], [], []
@@ -30,7 +30,7 @@ class FusedDifferentiableSGD(higher.optim.DifferentiableOptimizer):
                 params.append(p)
                 grads.append(self._direction(group, group_idx, p_idx, p, g))
                 lrs.append(group["lr"])
-        for (group, p_idx), new in zip(where, fused_sgd(params, grads, lrs)):
+        for (group, p_idx), new in zip(where, sgd_update(params, grads, lrs)):
             group["params"][p_idx] = new
 
     def _direction(self, group, group_idx: int, p_idx: int, p: torch.Tensor, g: torch.Tensor):

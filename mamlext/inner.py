@@ -1,9 +1,14 @@
-"""One inner-loop step: gradients of a loss, then the fused SGD update."""
+r"""One inner-loop step, the one place where MAML's inner SGD is written:
+:math:`\theta' = \theta - \alpha \nabla_\theta \mathcal{L}`, the gradient kept differentiable
+(second order) unless first order, the update one fused call. Used by
+:func:`gradient_update_parameters`, :class:`mamlext.MAML`'s inner loop and the higher drop-in
+(:mod:`mamlext.higher`, which brings its own step directions).
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -58,6 +63,29 @@ def inner_gradients(
     return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
 
 
+def sgd_update(
+    params: Sequence[Tensor], directions: Sequence[Tensor], lr: LearningRate
+) -> list[Tensor]:
+    r"""``[p_i - lr_i * d_i]`` in one fused call, differentiable in ``p``, ``d`` and ``lr``."""
+    return fused_sgd(params, directions, lr)
+
+
+def inner_step(
+    loss: Tensor,
+    params: Mapping[str, Tensor],
+    lr: LearningRate,
+    first_order: bool = False,
+    allow_unused: bool = False,
+) -> list[Tensor]:
+    r"""``[\theta - \alpha \nabla_\theta loss]`` for the tensors of ``params``, in their order.
+
+    Raises:
+        InnerGradientError, UnusedParameterError: as :func:`inner_gradients`.
+    """
+    grads = inner_gradients(loss, params, first_order, allow_unused)
+    return sgd_update(list(params.values()), grads, lr)
+
+
 def gradient_update_parameters(
     model: MetaModule,
     loss: Tensor,
@@ -88,7 +116,6 @@ def gradient_update_parameters(
         raise TypeError(f"model must be a MetaModule, got {type(model).__name__}")
     if params is None:
         params = OrderedDict(model.meta_named_parameters())
-    grads = inner_gradients(loss, params, first_order=first_order)
     lr: LearningRate
     if isinstance(step_size, Mapping):
         missing = [name for name in params if name not in step_size]
@@ -97,5 +124,4 @@ def gradient_update_parameters(
         lr = [step_size[name] for name in params]
     else:
         lr = step_size
-    updated = fused_sgd(list(params.values()), grads, lr)
-    return OrderedDict(zip(params, updated))
+    return OrderedDict(zip(params, inner_step(loss, params, lr, first_order)))

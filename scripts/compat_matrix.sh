@@ -23,19 +23,22 @@ TESTS=(tests/test_ops.py tests/test_backward_twice.py tests/test_maml_vs_higher.
 if [[ $# -gt 0 ]]; then
   COMBOS=("$@")
 else
-  COMBOS=(3.11:2.5.1 3.11:2.11.0 3.11:2.15.0 3.10:2.15.0 3.12:2.15.0 3.13:2.15.0:full)
+  # torch 2.15 has no wheels for Python 3.10: its newest is 2.14.1 (pip: "from versions: ... 2.14.1")
+  COMBOS=(3.11:2.5.1 3.11:2.11.0 3.11:2.15.0 3.10:2.14.1 3.12:2.15.0 3.13:2.15.0:full)
 fi
 mkdir -p "$MATRIX_DIR"
 RESULTS=$MATRIX_DIR/results.tsv
 : >"$RESULTS"
 COMMIT=$(git -C "$REPO" rev-parse --short HEAD)
 
-# The interpreter for a version: pythonX.Y on PATH, else pyenv's.
+# The interpreter for a version: pyenv's, else pythonX.Y on PATH (a pyenv shim on PATH may
+# refuse to run a version that is not selected, so every candidate is tried).
 find_python() {
-  local version=$1 found
-  if found=$(command -v "python$version"); then echo "$found"; return 0; fi
-  found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$version".*/bin/python"$version" 2>/dev/null | tail -1)
-  [[ -n "$found" ]] && echo "$found"
+  local version=$1 candidate
+  for candidate in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$version".*/bin/python"$version" 2>/dev/null) \
+    $(command -v "python$version"); do
+    if "$candidate" -c 'import venv' 2>/dev/null; then echo "$candidate"; return 0; fi
+  done
 }
 
 # Seconds taken by a command, its output appended to a log; sets STATUS.

@@ -16,6 +16,7 @@ import pytest
 import mamlext
 from mamlext import bench
 from mamlext.bench import op, report
+from mamlext.bench.cli import DEFAULT_OUT
 
 # torchmeta is optional (README: installed with --no-deps); without it its row says so.
 HAS_TORCHMETA = importlib.util.find_spec("torchmeta") is not None
@@ -129,7 +130,7 @@ def test_runs_from_a_copy_outside_any_checkout(tmp_path):
     env = {**os.environ, **ENV, "PYTHONPATH": str(site), "MAMLEXT_NO_NATIVE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    out = cwd / "benchmarks" / "results"  # the default --out, relative to the current folder
+    out = cwd / DEFAULT_OUT  # the default --out, relative to the current folder
     page = (out / "maml_cpu.md").read_text()
     assert f"mamlext {mamlext.__version__}, torch " in page, page
     assert "| tiny | higher |" in page and "| tiny | mamlext |" in page, page

@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from torch.autograd import gradcheck, gradgradcheck
 
 import mamlext
-from mamlext.ops import _check_inputs, fused_sgd
-from mamlext.ops._native import ensure_loaded, native_required
+from mamlext.ops import fused_sgd
+from mamlext.ops.native import ensure_loaded, native_required
+from mamlext.ops.reference import check_inputs
 from tests.conftest import TEST_DEVICE
 from tests.test_ops import F64, fuzz_lists, lr_cases, oracle
 
@@ -278,7 +279,7 @@ def test_mixed_cpu_and_cuda_inputs_get_the_python_checks_message(case):
         lrs[1] = torch.full((3,), 0.5)
     scalars = [0.1, 0.1]
     with pytest.raises(ValueError) as expected:
-        _check_inputs(params, grads, lrs, scalars)
+        check_inputs(params, grads, lrs, scalars)
     with pytest.raises(ValueError) as raised:
         torch.ops.mamlext.fused_sgd(params, grads, lrs, scalars)
     assert str(raised.value) == str(expected.value)
@@ -291,7 +292,7 @@ def test_tensors_on_a_second_device_get_the_python_checks_message():
     p = [torch.zeros(3, device="cuda:0"), torch.zeros(3, device="cuda:1")]
     args = (p, [x.clone() for x in p], [None, None], [0.1, 0.1])
     with pytest.raises(ValueError) as expected:
-        _check_inputs(*args)
+        check_inputs(*args)
     with pytest.raises(ValueError) as raised:
         torch.ops.mamlext.fused_sgd(*args)
     assert str(raised.value) == str(expected.value)

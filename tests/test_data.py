@@ -24,6 +24,7 @@ from mamlext.data import (
     Sinusoid,
     TaskDataset,
     load_omniglot,
+    omniglot_files,
     omniglot_tasks,
     rotate_classes,
     split_indices,
@@ -216,12 +217,12 @@ def test_omniglot_hdf5_equals_npz_and_is_cached(tmp_path, monkeypatch):
     assert hdf5.names == npz.names
     np.testing.assert_array_equal(hdf5.images, npz.images)
     assert (tmp_path / "omniglot_28x28_hdf5.npz").is_file()
-    og._load.cache_clear()
+    omniglot_files.load_arrays.cache_clear()
 
     def fail(*args):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(og, "_read_hdf5", fail)
+    monkeypatch.setattr(omniglot_files, "read_hdf5", fail)
     np.testing.assert_array_equal(
         load_omniglot(OMNIGLOT, "hdf5", cache_dir=tmp_path).images, npz.images
     )
@@ -235,7 +236,7 @@ def test_omniglot_zip_and_folders_equal_npz_on_some_characters(tmp_path):
     assert zipped.names == tuple(picks)
     np.testing.assert_array_equal(zipped.images, npz.images[[npz.names.index(c) for c in picks]])
     # the same characters from extracted folders
-    for s in og.SETS:
+    for s in omniglot_files.SETS:
         with zipfile.ZipFile(OMNIGLOT / f"{s}.zip") as z:
             z.extractall(tmp_path, [m for m in z.namelist() if m.startswith(tuple(picks))])
     folders = load_omniglot(tmp_path, "zip", characters=picks, cache=False)
@@ -296,7 +297,7 @@ def test_vinyals_without_json_names_the_files(tmp_path):
 
 
 def test_corrupt_zip(tmp_path):
-    for s in og.SETS:
+    for s in omniglot_files.SETS:
         (tmp_path / f"{s}.zip").write_bytes(b"not a zip at all" * 100)
     with pytest.raises(CorruptDataError, match="images_background.zip"):
         load_omniglot(tmp_path)
@@ -304,7 +305,7 @@ def test_corrupt_zip(tmp_path):
 
 @needs_omniglot
 def test_incomplete_zip(tmp_path):
-    for s in og.SETS:
+    for s in omniglot_files.SETS:
         with (
             zipfile.ZipFile(OMNIGLOT / f"{s}.zip") as src,
             zipfile.ZipFile(tmp_path / f"{s}.zip", "w") as dst,
@@ -335,9 +336,9 @@ def test_download_checks_md5_and_writes_atomically(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(CorruptDataError, match="md5"):
-        og._download(src.as_uri(), out / "a.zip", "0" * 32)
+        omniglot_files.download_file(src.as_uri(), out / "a.zip", "0" * 32)
     assert list(out.iterdir()) == []  # no partial file left behind
-    og._download(src.as_uri(), out / "a.zip", md5)
+    omniglot_files.download_file(src.as_uri(), out / "a.zip", md5)
     assert [p.name for p in out.iterdir()] == ["a.zip"] and (
         out / "a.zip"
     ).read_bytes() == src.read_bytes()
@@ -360,7 +361,7 @@ def test_npz_of_floats_in_0_255_is_refused_and_in_0_1_scaled(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (40, 28, 28)).astype(np.uint8)
     for folder, images in (("uint8", pixels), ("unit", pixels / 255.0)):
         (tmp_path / folder).mkdir()
-        names = write_npz(tmp_path / folder / og.NPZ_NAME, images)
+        names = write_npz(tmp_path / folder / omniglot_files.NPZ_NAME, images)
     uint8 = load_omniglot(tmp_path / "uint8", characters=names)
     unit = load_omniglot(tmp_path / "unit", characters=names)
     assert unit.images.dtype == np.uint8
@@ -371,7 +372,7 @@ def test_npz_of_floats_in_0_255_is_refused_and_in_0_1_scaled(tmp_path):
         ("int64", pixels.astype(np.int64)),
     ):
         (tmp_path / name).mkdir()
-        write_npz(tmp_path / name / og.NPZ_NAME, images)
+        write_npz(tmp_path / name / omniglot_files.NPZ_NAME, images)
         with pytest.raises(CorruptDataError, match=re.escape(f"the images are {name}; expected")):
             load_omniglot(tmp_path / name, characters=names)
 
@@ -398,7 +399,7 @@ def test_decompression_bomb_png_is_a_corrupt_member(tmp_path, side, warnings_are
     error where warnings are."""
     drawing = io.BytesIO()
     Image.new("1", (105, 105), 1).save(drawing, "PNG")
-    characters = {s: f"{s}/Alpha/character01" for s in og.SETS}
+    characters = {s: f"{s}/Alpha/character01" for s in omniglot_files.SETS}
     for s, character in characters.items():
         with zipfile.ZipFile(tmp_path / f"{s}.zip", "w") as z:
             for d in range(1, 21):

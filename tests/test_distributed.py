@@ -44,7 +44,9 @@ STEPS_SCRIPT = textwrap.dedent(
         loss, _ = maml(xs[share], ys[share], xq[share], yq[share])
         opt.zero_grad()
         loss.backward()
-        world.average_gradients(maml, tasks=share.stop - share.start)
+        world.average_gradients(
+            maml, tasks=share.stop - share.start, buffers=maml.bn_policy.statistics()
+        )
         opt.step()
     if world.is_main:
         torch.save({k: v.detach().clone() for k, v in maml.state_dict().items()}, sys.argv[3])

@@ -13,7 +13,8 @@ from torch import nn
 import mamlext
 from mamlext import modules as mm
 from mamlext.bench.memory import SavedTensorMeter
-from mamlext.inner_checkpoint import _GlibcHeap, auto_segment_length, resident_bytes
+from mamlext.heap import GlibcHeap, resident_bytes
+from mamlext.maml.recompute import auto_segment_length
 from tests.models import F64, conv_bn
 
 TASKS, WAYS, SHOTS = 3, 3, 2
@@ -101,12 +102,12 @@ def test_every_batchnorm_policy_records_statistics_once(bn, batched):
         conv_bn(meta=True), 2, num_steps=3, bn=bn, batched=batched,
         step_size_mode="per_layer_per_step",
     )  # fmt: skip
-    committed = {}  # the per-task statistics each commit averages: (row, shapes) per layer
+    committed = {}  # the per-task statistics each commit averages: (layer, row, shape)
     for name, maml in (("stored", stored), ("checkpointed", checkpointed)):
-        commit, committed[name] = maml.bn_policy._commit, []
-        maml.bn_policy._commit = lambda records, log=committed[name], commit=commit: (
-            log.append([sorted((r, [m.shape for m, _ in s]) for r, s in rows.items())
-                        for rows in records.values()]),
+        commit, committed[name] = maml.bn_policy.commit, []
+        layer_names = {module: n for n, module in maml.model.named_modules()}
+        maml.bn_policy.commit = lambda records, log=committed[name], commit=commit, ln=layer_names: (
+            log.append(sorted((ln[layer], row, m.shape) for layer, row, (m, _) in records)),
             commit(records),
         )  # fmt: skip
     for seed in (1, 2):
@@ -237,11 +238,11 @@ def test_saved_tensors_grow_with_the_segment_not_with_the_steps():
     assert four - one[16] > 2 * per_step, (four, one[16], per_step)
 
 
-@pytest.mark.skipif(_GlibcHeap.load() is None, reason="Linux with glibc >= 2.33 only")
+@pytest.mark.skipif(GlibcHeap.load() is None, reason="Linux with glibc >= 2.33 only")
 def test_unused_resident_heap_memory_goes_back_to_the_system():
     """Freed memory that glibc keeps resident (holes between live blocks) is returned once
     it exceeds the margin over the least seen, as the kernel's RSS count shows."""
-    heap = _GlibcHeap.load()
+    heap = GlibcHeap.load()
     heap.trim()  # no free page resident, as in a process that just started
     heap.release_if_idle()  # the least unused memory seen: this process as it is now
     blocks = [torch.ones(25_000) for _ in range(2_500)]  # 100 kB each, in glibc's heap

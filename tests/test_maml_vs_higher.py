@@ -140,7 +140,7 @@ def test_learned_step_sizes_equal_higher(name, mode, batched):
 @pytest.mark.parametrize("steps", range(1, 8))
 @pytest.mark.parametrize("name", ["conv-batchnorm2d", "mlp-layernorm"])
 def test_inner_checkpointing_equals_higher(name, steps, segment, batched):
-    """The recomputed inner loop (mamlext.inner_checkpoint) against higher's stored graph."""
+    """The recomputed inner loop (mamlext.maml.recompute) against higher's stored graph."""
     compare(
         name, tasks=2, steps=steps, first_order=False, batched=batched, inner_checkpoint=segment
     )

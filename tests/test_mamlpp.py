@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import mamlext
-import mamlext.train
+import mamlext.train.loop
 from mamlext.schedules import multi_step_weights
 from mamlext.train import TrainConfig, meta_lr_at, train
 from tests.conftest import SHARED_DATA
@@ -308,17 +308,17 @@ def test_resume_with_every_piece_on_reproduces_the_uninterrupted_run(tmp_path, m
     assert (whole["bn"], whole["bn_per_step_weights"], whole["meta_lr_schedule"]) == (
         "transductive", True, "cosine",
     )  # fmt: skip
-    step = mamlext.train._meta_step
+    step = mamlext.train.loop.meta_step
 
     def interrupted(run, iteration):
         if iteration == 4:  # after the checkpoint of iteration 3
             raise KeyboardInterrupt
         return step(run, iteration)
 
-    monkeypatch.setattr(mamlext.train, "_meta_step", interrupted)
+    monkeypatch.setattr(mamlext.train.loop, "meta_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(quiet(**options, out=str(tmp_path / "part")))
-    monkeypatch.setattr(mamlext.train, "_meta_step", step)
+    monkeypatch.setattr(mamlext.train.loop, "meta_step", step)
     train(quiet(**options, out=str(tmp_path / "part"), resume=True))
     assert read_metrics(tmp_path / "part") == read_metrics(tmp_path / "whole")
     final = [json.loads((tmp_path / n / "final.json").read_text()) for n in ("whole", "part")]

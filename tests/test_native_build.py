@@ -82,8 +82,7 @@ def test_reference_path_with_native_disabled():
         # A float rate beside a learned one (the Python rule alone cannot route that).
         mixed = lambda p, g, q, lr: tuple(mamlext.fused_sgd([p, q], [g, g], [0.3, lr]))
         assert gradcheck(mixed, x + [lr]) and gradgradcheck(mixed, x + [lr])
-        import mamlext.ops._native as native
-        assert native._status["cpu"].library is None
+        assert mamlext.backend_info()["cpu"].library is None
         """
     )
     result = run_python(code, {"MAMLEXT_NO_NATIVE": "1"})
@@ -99,7 +98,7 @@ def test_failed_build_falls_back_with_one_warning_naming_the_cause(tmp_path):
         textwrap.dedent(
             f"""
         import warnings
-        import mamlext.ops._native as native
+        import mamlext.ops.native as native
         from pathlib import Path
         native.SOURCES["cpu"] = [Path({str(broken)!r})]
         with warnings.catch_warnings(record=True) as caught:
@@ -146,7 +145,7 @@ def test_a_kernel_that_loads_but_cannot_run_is_replaced_by_the_reference():
         """
         import warnings
         import torch
-        import mamlext.ops._native as native
+        import mamlext.ops.native as native
 
         class WrongEquals:  # the trial's check sees wrong values
             def __getattr__(self, name):
@@ -174,14 +173,14 @@ def test_a_kernel_that_loads_but_cannot_run_is_replaced_by_the_reference():
         result.stdout
     )
     serving = next(line for line in result.stdout.splitlines() if line.startswith("SERVING"))
-    assert "_native.py" in serving and "fused_sgd.cpp" not in serving, serving
+    assert "native.py" in serving and "fused_sgd.cpp" not in serving, serving
 
 
 def test_required_native_kernel_that_does_not_serve_is_an_error():
     code = textwrap.dedent(
         """
         import torch, mamlext
-        from mamlext.ops._native import NativeKernelMissing
+        from mamlext.ops.native import NativeKernelMissing
         print("INFO", mamlext.backend_info()["cpu"].kernel)  # reporting never raises
         try:
             mamlext.fused_sgd([torch.zeros(2)], [torch.ones(2)], 0.5)

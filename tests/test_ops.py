@@ -208,7 +208,7 @@ def test_native_kernel_matches_reference(device, dtype):
     shapes = [(32, 64, 1, 3, 3), (32, 64), (32, 5, 1600), (32, 5), (7,), (0, 3)]
     params, grads = make_lists(shapes, dtype=dtype, device=device, requires_grad=False)
     for case, lr in lr_cases(shapes, dtype, device, requires_grad=False).items():
-        lrs, scalars = mamlext.ops._normalize_lr(lr, params)
+        lrs, scalars = mamlext.ops.wrapper.normalize_lr(lr, params)
         native = torch.ops.mamlext.fused_sgd(params, grads, lrs, scalars)
         reference = reference_fused_sgd(params, grads, lrs, scalars)
         torch.testing.assert_close(native, reference, msg=lambda m, case=case: f"{case}: {m}")
@@ -217,7 +217,7 @@ def test_native_kernel_matches_reference(device, dtype):
 def test_cpu_native_kernel_is_in_use():
     """CI builds the native CPU kernel; a silent fallback would hide a broken build."""
     status = mamlext.backend_info()["cpu"]
-    if mamlext.ops._native.native_disabled():
+    if mamlext.ops.native.native_disabled():
         pytest.skip("MAMLEXT_NO_NATIVE is set")
     assert status.kernel == "native", status.reason
     assert status.reason in ("compiled", "loaded from cache")
@@ -408,7 +408,9 @@ def test_native_kernel_rejects_bad_input_itself(name):
     with pytest.raises(error, match=message) as raised:
         torch.ops.mamlext.fused_sgd(params, grads, lrs, [0.1] * len(params))
     with pytest.raises(error) as reference:
-        mamlext.ops._check_inputs(params, grads, lrs, [0.1] * len(params))  # the reference's
+        mamlext.ops.reference.check_inputs(
+            params, grads, lrs, [0.1] * len(params)
+        )  # the reference's
     assert str(raised.value) == str(reference.value)
 
 
@@ -533,3 +535,25 @@ def test_cuda_kernel_edge_cases(dtype):
     want = oracle(params, grads, lrs)
     for o, w in zip(out, want):
         torch.testing.assert_close(o, w)
+
+
+def test_private_torch_internals_still_mean_what_we_read():
+    """mamlext reads torch internals that may move between releases; this fails when they do.
+
+    ``torch._C._functorch.maybe_current_level`` and ``torch.autograd.forward_ad._current_level``
+    (ops/wrapper.py: is a torch.func transform or forward AD active?) and
+    ``torch.utils.cpp_extension._get_build_directory`` (ops/native.py: the JIT cache folder).
+    """
+    from torch.utils import cpp_extension
+
+    from mamlext.ops.wrapper import transforms_active
+
+    assert torch._C._functorch.maybe_current_level() is None and not transforms_active()
+    seen = []
+    vmap(lambda x: seen.append(torch._C._functorch.maybe_current_level()) or x)(torch.ones(2))
+    assert seen and seen[0] is not None
+    assert torch.autograd.forward_ad._current_level == -1
+    with torch.autograd.forward_ad.dual_level():
+        assert torch.autograd.forward_ad._current_level >= 0 and transforms_active()
+    folder = cpp_extension._get_build_directory("mamlext_probe", verbose=False)
+    assert folder.endswith("mamlext_probe")

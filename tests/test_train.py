@@ -12,14 +12,16 @@ import types
 import pytest
 import torch
 
-import mamlext.train
-from mamlext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import mamlext.train.loop
 from mamlext.train import (
+    CheckpointError,
     TrainConfig,
     build_maml,
     build_sampler,
     evaluate,
+    load_checkpoint,
     meta_lr_at,
+    save_checkpoint,
     to_device,
     train,
 )
@@ -93,7 +95,7 @@ def test_every_algorithm_trains(tmp_path, monkeypatch, algorithm):
         built.append((maml, copy.deepcopy(maml)))
         return maml
 
-    monkeypatch.setattr(mamlext.train, "build_maml", build_and_keep)
+    monkeypatch.setattr(mamlext.train.loop, "build_maml", build_and_keep)
     # test_steps=1, as trained: learned step sizes fitted to one step may diverge over more
     config = quiet(
         algorithm=algorithm, iterations=30, meta_lr=1e-2, test_steps=1, eval_every=30,
@@ -132,15 +134,15 @@ def test_seconds_count_the_meta_steps_of_every_session(tmp_path, monkeypatch):
     and an evaluation that reads it too)."""
     clock = itertools.count()
     fake_time = types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
-    monkeypatch.setattr(mamlext.train, "time", fake_time)
-    real_evaluate = mamlext.train.evaluate
+    monkeypatch.setattr(mamlext.train.loop, "time", fake_time)
+    real_evaluate = mamlext.train.loop.evaluate
 
     def evaluate_reading_the_clock(*args, **kwargs):
         for _ in range(5):
-            mamlext.train.time.perf_counter()
+            mamlext.train.loop.time.perf_counter()
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(mamlext.train, "evaluate", evaluate_reading_the_clock)
+    monkeypatch.setattr(mamlext.train.loop, "evaluate", evaluate_reading_the_clock)
     options = dict(eval_every=5, eval_tasks=10, out=str(tmp_path))
     train(quiet(iterations=10, **options))
     train(quiet(iterations=15, **options, resume=True))

@@ -270,7 +270,7 @@ def test_per_step_needs_layers_that_track_running_stats():
     model = mm.MetaSequential(mm.MetaLinear(3, 4), mm.MetaBatchNorm1d(4, track_running_stats=False))
     with pytest.raises(ValueError, match=r"'1'.*'per_step' needs track_running_stats=True"):
         mamlext.MAML(model, bn="per_step")
-    assert model[1].bn_policy is None  # a refused policy changes no layer
+    assert model[1].norm_settings is None  # a refused policy changes no layer
 
 
 # ---- checkpoints ------------------------------------------------------------------------

@@ -14,10 +14,9 @@ import time
 import pytest
 import torch
 
-import mamlext.train
-from mamlext.checkpoint import load_checkpoint
+import mamlext.train.loop
 from mamlext.cli import main
-from mamlext.train import train
+from mamlext.train import load_checkpoint, train
 from tests.conftest import REPO
 from tests.test_train import quiet, read_metrics
 
@@ -64,7 +63,7 @@ def test_a_resumed_run_whose_schedule_explodes_stops(tmp_path, capsys):
 
 def test_non_finite_parameters_after_a_finite_loss_stop_the_run(tmp_path, monkeypatch, capsys):
     """As when the step itself overflows: the check looks at the parameters too."""
-    meta_step = mamlext.train._meta_step
+    meta_step = mamlext.train.loop.meta_step
 
     def overflowing_third_step(run, iteration):
         record = meta_step(run, iteration)
@@ -72,7 +71,7 @@ def test_non_finite_parameters_after_a_finite_loss_stop_the_run(tmp_path, monkey
             next(run.maml.parameters()).data.fill_(math.inf)
         return record
 
-    monkeypatch.setattr(mamlext.train, "_meta_step", overflowing_third_step)
+    monkeypatch.setattr(mamlext.train.loop, "meta_step", overflowing_third_step)
     args = ["train", "--iterations", "10", "--eval-every", "2", "--out", str(tmp_path)]
     assert main([*args, *SMALL]) == 2
     err = one_error_line(capsys)
@@ -119,7 +118,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(
     if failing == "checkpoint":
         monkeypatch.setattr(torch, "save", save_until_full)
     else:
-        monkeypatch.setattr(mamlext.train, "open", open_until_full, raising=False)
+        monkeypatch.setattr(mamlext.train.loop, "open", open_until_full, raising=False)
     args = ["train", "--iterations", "10", "--eval-every", "2", "--out", str(tmp_path)]
     assert main([*args, *SMALL]) == 2
     err = one_error_line(capsys)

@@ -245,7 +245,7 @@ def markdown(rows: list[dict]) -> str:
     return report.markdown_table(rows, COLUMNS)
 
 
-def machine_info(device: str) -> str:
+def header(device: str) -> str:
     """The machine (:func:`mamlext.bench.report.machine_info`) and the parameter lists."""
     lines = [report.machine_info(device)]
     for name, shapes in (("conv4", conv4_shapes()), ("resnet12", resnet12_shapes())):
@@ -265,12 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", type=Path, help="also write the header and table")
     args = parser.parse_args(argv)
 
-    header = machine_info(args.device) + f"\ndtype: {args.dtype}, quick: {args.quick}"
-    print(header, flush=True)
+    header_lines = header(args.device) + f"\ndtype: {args.dtype}, quick: {args.quick}"
+    print(header_lines, flush=True)
     rows = run(args.device, args.quick, getattr(torch, args.dtype))
     table = markdown(rows)
     print("\n" + table)
     if args.csv:
         report.write_table_csv(rows, args.csv, list(COLUMNS))
     if args.markdown:
-        args.markdown.write_text(report.markdown_page(header, table))
+        args.markdown.write_text(report.markdown_page(header_lines, table))

@@ -27,7 +27,7 @@ from mamlext.bench.op import median_ms
 from mamlext.bench.peers import PEERS, PeerUnavailable, build_higher, plan
 from mamlext.bench.report import add_speedups
 from mamlext.data.tasks import Batch
-from mamlext.inner_checkpoint import resident_bytes
+from mamlext.heap import resident_bytes
 
 # The folder this mamlext was imported from (a source checkout, site-packages, ...): the
 # workers import the same one.

@@ -15,7 +15,6 @@ from mamlext.modules.layers import (
 from mamlext.modules.metafy import metafy
 from mamlext.modules.module import MetaModule, task_batched, task_count
 from mamlext.modules.norm import (
-    BatchNormPolicy,
     MetaBatchNorm1d,
     MetaBatchNorm2d,
     MetaBatchNorm3d,
@@ -28,7 +27,7 @@ __all__ = [
     "MetaModule", "MetaSequential", "MetaModuleList", "MetaModuleDict", "MetaLinear",
     "MetaBilinear", "MetaConv1d", "MetaConv2d", "MetaConv3d", "MetaEmbedding",
     "MetaBatchNorm1d", "MetaBatchNorm2d", "MetaBatchNorm3d", "MetaBatchNormBase",
-    "BatchNormPolicy", "MetaLayerNorm", "MetaGroupNorm", "MetaMultiheadAttention", "batchable",
+    "MetaLayerNorm", "MetaGroupNorm", "MetaMultiheadAttention", "batchable",
     "metafy", "task_batched", "task_count",
 ]  # fmt: skip
 

@@ -7,6 +7,8 @@ the tasks ran one by one: no statistic crosses from one task to another.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -41,33 +43,111 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: 
 BN_POLICIES = ("transductive", "per_step", "running")
 
 
+@dataclasses.dataclass
+class NormSettings:
+    """How the Meta BatchNorm layers that share this object choose their statistics.
+
+    Written by :class:`mamlext.BatchNormPolicy` (its one owner), read by the layers, which
+    hold it as ``norm_settings`` (``None``: ``nn.BatchNorm``'s semantics, torchmeta's layer).
+
+    Attributes:
+        policy: ``None``, ``"transductive"``, ``"per_step"`` or ``"running"``
+            (``BatchNormPolicy`` says what each means).
+        num_steps: inner steps of meta-training; rows ``0..num_steps - 1`` belong to them and
+            row ``num_steps`` to the query pass.
+        per_step_weights: the affine weight and bias are the rows of ``step_weight`` and
+            ``step_bias`` (MAML++'s BNWB).
+    """
+
+    policy: str | None = None
+    num_steps: int = 1
+    per_step_weights: bool = False
+
+    def row(self, step: int | None) -> int:
+        """The row of per-step values at inner step ``step`` (``None``: the query pass);
+        steps beyond the trained ones use the last support row."""
+        if step is None:
+            return self.num_steps
+        return min(step, max(self.num_steps - 1, 0))
+
+    def statistics_row(self, step: int | None) -> int:
+        """The row of running statistics: per step with ``per_step``, else the only one."""
+        return self.row(step) if self.policy == "per_step" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class NormStep:
+    """Where in MAML the forwards in progress are, for the layers of one ``NormSettings``.
+
+    Attributes:
+        owner: the settings of the layers this applies to (other layers see the default).
+        step: the inner step on the support sets; ``None``: the query pass (and outside MAML).
+        records: where training forwards append ``(layer, row, (mean, var))`` with each
+            task's batch statistics ``[T, C]``; ``None``: record nothing.
+        replaying: a recomputation of forwards already done (the inner loop's recompute in
+            backward): record nothing, update no running statistics.
+    """
+
+    owner: NormSettings | None = None
+    step: int | None = None
+    records: list | None = None
+    replaying: bool = False
+
+
+OUTSIDE_MAML = NormStep()  # the query position, recording nothing: a plain forward
+_NORM_STEP: contextvars.ContextVar[NormStep | None] = contextvars.ContextVar(
+    "mamlext_norm_step", default=None
+)
+
+
+def norm_step(settings: NormSettings | None) -> NormStep:
+    """The position that applies to layers of ``settings`` now."""
+    position = _NORM_STEP.get()
+    if position is None or settings is None or position.owner is not settings:
+        return OUTSIDE_MAML
+    return position
+
+
+@contextlib.contextmanager
+def at_norm_step(position: NormStep) -> Iterator[None]:
+    """Run the enclosed forwards at ``position`` (for the layers of ``position.owner``)."""
+    token = _NORM_STEP.set(position)
+    try:
+        yield
+    finally:
+        _NORM_STEP.reset(token)
+
+
 class MetaBatchNormBase(MetaModule):
     """Shared forward of ``MetaBatchNorm1d/2d/3d``.
 
     In a task-batched call (input ``[T, N, C, *S]``) every task is normalised with its
-    own statistics. Which statistics (batch or running ones, and which set) is decided by
-    the :class:`BatchNormPolicy` the layer follows, ``bn_policy`` (attached by
-    :class:`mamlext.MAML`); without one, or with policy ``None``, the layer has
-    ``nn.BatchNorm``'s semantics (torchmeta's layer).
+    own statistics. Which statistics (batch or running ones, and which set) follows the
+    layer's ``norm_settings`` and the current :class:`NormStep` (both set by
+    :class:`mamlext.BatchNormPolicy`); without settings, or with policy ``None``, the
+    layer has ``nn.BatchNorm``'s semantics (torchmeta's layer).
     """
 
-    bn_policy: BatchNormPolicy | None = None
+    norm_settings: NormSettings | None = None
 
     def forward(self, input: Tensor, params: Params | None = None) -> Tensor:
-        policy = self.bn_policy
-        if policy is not None and policy.per_step_weights:
-            row = policy.step_row()  # BNWB: this step's own weight and bias
+        settings = self.norm_settings
+        position = norm_step(settings)
+        if settings is not None and settings.per_step_weights:
+            row = settings.row(position.step)  # BNWB: this step's own weight and bias
             weight = self.meta_param(params, "step_weight").select(-2, row)
             bias = self.meta_param(params, "step_bias").select(-2, row)
         else:
             weight, bias = self.meta_param(params, "weight"), self.meta_param(params, "bias")
-        if policy is None or policy.name is None:
-            update = policy is None or not policy.replaying_now
-            return self._torch_forward(input, weight, bias, update)
-        running = policy.running_statistics(self)
+        if settings is None or settings.policy is None:
+            return self._torch_forward(input, weight, bias, update=not position.replaying)
+        row = settings.statistics_row(position.step)
+        use_running = settings.policy != "transductive" and not self.training
+        running = (self.step_running_mean[row], self.step_running_var[row]) if use_running else None
         out = self._normalise(input, weight, bias, running)
-        if running is None:
-            policy.record(self, input if task_count() is not None else input.unsqueeze(0))
+        if running is None and position.records is not None and self.training:
+            batched = input if task_count() is not None else input.unsqueeze(0)
+            position.records.append((self, row, task_stats(batched.detach())))
         return out
 
     def _normalise(
@@ -108,7 +188,7 @@ class MetaBatchNormBase(MetaModule):
         running = (self.running_mean, self.running_var) if use_running else None
         out = self._normalise(input, weight, bias, running)
         if self.training and self.track_running_stats and update:
-            self._torch_update(*_task_stats(input.detach()))
+            self._torch_update(*task_stats(input.detach()))
         return out
 
     def _torch_batch_norm(self, input, weight, bias, update: bool = True):
@@ -138,276 +218,7 @@ class MetaBatchNormBase(MetaModule):
         self.running_var.lerp_(var.mean(0), momentum)
 
 
-class BatchNormPolicy:
-    """Which statistics the Meta BatchNorm layers of a model use in MAML: their one owner.
-
-    Policies (``name``):
-
-    ``None``
-        ``nn.BatchNorm``'s semantics (torchmeta's layer): batch statistics in training
-        mode, updating the running ones; running statistics in eval mode.
-    ``"transductive"`` (original MAML)
-        batch statistics always, in training and eval mode, inner and outer loop, meta-test
-        included; running statistics never touched.
-    ``"per_step"`` (MAML++)
-        one set of running statistics per inner step and one for the query set. Training
-        mode normalises with each task's batch statistics; after each meta-training step
-        (:meth:`meta_batch`) each set moves one ``momentum`` step towards the mean over
-        tasks of those statistics. Eval mode normalises with the set of the current step.
-    ``"running"``
-        as ``per_step`` with a single set: ordinary non-transductive evaluation.
-
-    Per-step weights (``per_step_weights``, MAML++'s BNWB), with any policy: each affine
-    layer's ``weight`` and ``bias`` ``[C]`` are replaced by the parameters ``step_weight``
-    and ``step_bias`` ``[num_steps + 1, C]`` (initialised from them): row ``k`` scales and
-    shifts at inner step ``k``, the last row at the query pass. They are learned in the outer
-    loop only (MAML never adapts them: an inner update of row ``k`` would only matter at step
-    ``k``, already taken).
-
-    Steps beyond the trained ones (more inner steps at meta-test than ``num_steps``) use the
-    last support row, of statistics and of weights alike; the query pass always its own row.
-
-    The sets live in each layer's buffers ``step_running_mean`` and ``step_running_var``,
-    ``[rows, C]`` (:attr:`rows`, :meth:`statistics`); the layers keep them, the policy
-    decides when they are read and updated. :class:`mamlext.MAML` holds one as
-    ``maml.bn_policy``.
-
-    Args:
-        model: the model whose BatchNorm layers follow the policy. A plain
-            ``nn.BatchNorm`` (whose statistics this cannot manage) is allowed only with
-            ``name=None``.
-        name: the policy, one of ``BN_POLICIES`` or ``None``.
-        num_steps: inner steps of meta-training (``per_step`` keeps ``num_steps + 1`` sets).
-        per_step_weights: BNWB (above); fixed at construction, as it changes the parameters.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        name: str | None = "transductive",
-        num_steps: int = 1,
-        per_step_weights: bool = False,
-    ) -> None:
-        self.model = model
-        self.num_steps = num_steps
-        self._name: str | None = None
-        self._step: int | None = None  # inner step of the forwards in progress; None: query
-        self._records: dict | None = None  # {layer: {row: [(mean [n, C], var [n, C])]}}
-        self._replaying = False
-        self.per_step_weights = bool(per_step_weights)
-        affine = [m for m in model.modules() if isinstance(m, MetaBatchNormBase) and m.affine]
-        if self.per_step_weights and not affine:
-            raise ValueError(
-                "per-step BatchNorm weights (bn_per_step_weights) need a mamlext Meta BatchNorm "
-                "layer with affine=True in the model; it has none"
-            )
-        self.set(name)
-        if self.per_step_weights:
-            self._make_per_step_weights(affine)
-
-    def _make_per_step_weights(self, affine: list[MetaBatchNormBase]) -> None:
-        for layer in affine:
-            for kind in ("weight", "bias"):
-                own = getattr(layer, kind)
-                rows = own.detach().expand(self.num_steps + 1, -1).clone()
-                setattr(layer, kind, None)  # the per-step rows stand for it
-                layer.register_parameter(f"step_{kind}", nn.Parameter(rows))
-
-    def per_step_weight_names(self) -> list[str]:
-        """Names in the model of the BNWB parameters (none without ``per_step_weights``)."""
-        if not self.per_step_weights:
-            return []
-        rows = {
-            id(getattr(m, f"step_{kind}", None))
-            for m in self.layers()
-            for kind in ("weight", "bias")
-        }
-        return [name for name, param in self.model.named_parameters() if id(param) in rows]
-
-    @property
-    def name(self) -> str | None:
-        """The policy: one of ``BN_POLICIES``, or ``None``; change it with :meth:`set`."""
-        return self._name
-
-    @property
-    def rows(self) -> int:
-        """Sets of running statistics per layer: ``num_steps + 1``, 1 (``running``) or 0."""
-        return {"per_step": self.num_steps + 1, "running": 1}.get(self._name, 0)
-
-    def set(self, name: str | None) -> None:
-        """Make every Meta BatchNorm layer of the model follow policy ``name``.
-
-        ``per_step`` and ``running`` start their sets from the layers' ``running_mean`` and
-        ``running_var``; other policies leave the layers' buffers as they are.
-        """
-        if name is not None and name not in BN_POLICIES:
-            raise ValueError(f"bn must be one of {BN_POLICIES} or None, got {name!r}")
-        trains = name in ("per_step", "running")
-        layers = []
-        for module_name, module in self.model.named_modules():
-            if isinstance(module, MetaBatchNormBase):
-                if trains and not module.track_running_stats:
-                    raise ValueError(
-                        f"BatchNorm {module_name!r}: policy {name!r} needs track_running_stats=True"
-                    )
-                layers.append(module)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and name is not None:
-                raise ValueError(
-                    f"{module_name!r} is a {type(module).__name__}, whose statistics mamlext "
-                    "cannot manage: use mamlext's MetaBatchNorm (mamlext.modules.metafy converts "
-                    "a model), or pass bn=None to keep its own nn.BatchNorm behaviour"
-                )
-        self._name = name
-        for layer in layers:
-            layer.bn_policy = self
-            if trains:
-                for stat in ("mean", "var"):
-                    own = getattr(layer, f"running_{stat}").detach()
-                    layer.register_buffer(
-                        f"step_running_{stat}", own.clone().expand(self.rows, -1).clone()
-                    )
-
-    def layers(self) -> list[MetaBatchNormBase]:
-        """The model's Meta BatchNorm layers that follow this policy."""
-        return [
-            m
-            for m in self.model.modules()
-            if isinstance(m, MetaBatchNormBase) and m.bn_policy is self
-        ]
-
-    def statistics(self) -> list[Tensor]:
-        """The running statistics this policy trains, ``[rows, C]`` each.
-
-        ``step_running_mean`` and ``step_running_var`` of every layer (``per_step``,
-        ``running``; none otherwise): what distributed training averages over processes.
-        """
-        if not self.rows:
-            return []
-        return [t for m in self.layers() for t in (m.step_running_mean, m.step_running_var)]
-
-    def trains_statistics(self, training: bool) -> bool:
-        """Whether a meta-batch in this mode (MAML's ``training``) updates running statistics."""
-        return training and self._name in ("per_step", "running")
-
-    def check_modes(self, training: bool) -> None:
-        """Raise if a BatchNorm would normalise with never-trained statistics at meta-training."""
-        if not training or self._name == "transductive":
-            return
-        for name, module in self.model.named_modules():
-            untrained_eval_bn = (
-                isinstance(module, nn.modules.batchnorm._BatchNorm)
-                and not module.training
-                and module.track_running_stats
-                and int(module.num_batches_tracked) == 0
-            )
-            if untrained_eval_bn:
-                raise ValueError(
-                    f"BatchNorm {name!r} is in eval mode during meta-training, with running "
-                    "statistics that were never trained: it would normalise with mean 0 and "
-                    "variance 1. Call maml.train() for meta-training (BatchNorm then uses batch "
-                    "statistics), or use bn='transductive'"
-                )
-
-    def at_step(self, step: int) -> contextlib.AbstractContextManager[None]:
-        """The enclosed forwards are inner step ``step`` on the support sets."""
-        return self._at(step)
-
-    def at_query(self, record: bool = True) -> contextlib.AbstractContextManager[None]:
-        """The enclosed forwards are on the query sets (also the default outside MAML).
-
-        ``record=False``: an extra query pass (the multi-step loss's, before the last step)
-        whose statistics are not recorded: the query set's running statistics follow the
-        final pass alone, the one meta-test normalises.
-        """
-        return self._at(None, record)
-
-    @contextlib.contextmanager
-    def _at(self, step: int | None, record: bool = True) -> Iterator[None]:
-        outer = self._step, self._records
-        self._step = step
-        if not record:
-            self._records = None
-        try:
-            yield
-        finally:
-            self._step, self._records = outer
-
-    @contextlib.contextmanager
-    def meta_batch(self, training: bool) -> Iterator[None]:
-        """Record each task's batch statistics in the enclosed forwards; commit them once after.
-
-        Only when :meth:`trains_statistics`; a meta-batch that raises commits nothing.
-        """
-        if not self.trains_statistics(training):
-            yield
-            return
-        outer, self._records = self._records, {}
-        try:
-            yield
-            records = self._records
-        finally:
-            self._records = outer
-        self._commit(records)
-
-    @property
-    def replaying_now(self) -> bool:
-        """Whether the forwards in progress are a recomputation (see :meth:`replaying`)."""
-        return self._replaying
-
-    @contextlib.contextmanager
-    def replaying(self) -> Iterator[None]:
-        """The enclosed forwards repeat ones already done (the inner-loop recomputation of
-        :mod:`mamlext.inner_checkpoint`): they record no statistics and update no running
-        statistics (``nn.BatchNorm``'s own updates with ``name=None`` included).
-        """
-        outer = self._records, self._replaying
-        self._records, self._replaying = None, True
-        try:
-            yield
-        finally:
-            self._records, self._replaying = outer
-
-    def running_statistics(self, layer: MetaBatchNormBase) -> tuple[Tensor, Tensor] | None:
-        """``(mean, var)`` ``[C]`` that ``layer`` normalises with now; ``None``: batch statistics."""
-        if self._name == "transductive" or layer.training:
-            return None
-        row = self._row()
-        return layer.step_running_mean[row], layer.step_running_var[row]
-
-    def record(self, layer: MetaBatchNormBase, input: Tensor) -> None:
-        """Keep the per-task statistics of ``layer``'s input ``[T, N, C, *S]`` for the commit."""
-        if self._records is not None and layer.training:
-            rows = self._records.setdefault(layer, {})
-            rows.setdefault(self._row(), []).append(_task_stats(input.detach()))
-
-    def step_row(self) -> int:
-        """The row of per-step values of the forwards in progress: inner step ``k``'s, or
-        ``num_steps`` on the query sets; steps beyond the trained ones use the last support row."""
-        if self._step is None:
-            return self.num_steps
-        return min(self._step, max(self.num_steps - 1, 0))
-
-    def _row(self) -> int:
-        return self.step_row() if self._name == "per_step" else 0
-
-    @torch.no_grad()
-    def _commit(self, records: dict) -> None:
-        """Move each recorded set one momentum step towards its mean over tasks.
-
-        ``momentum=None``: a cumulative average over meta-batches, as ``nn.BatchNorm``'s.
-        """
-        for layer, rows in records.items():
-            layer.num_batches_tracked.add_(1)
-            tracked = float(layer.num_batches_tracked)
-            momentum = 1.0 / tracked if layer.momentum is None else layer.momentum
-            for row, stats in rows.items():
-                mean = torch.cat([m for m, _ in stats]).mean(0)
-                var = torch.cat([v for _, v in stats]).mean(0)
-                layer.step_running_mean[row].lerp_(mean, momentum)
-                layer.step_running_var[row].lerp_(var, momentum)
-
-
-def _task_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+def task_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-task batch mean and unbiased variance, ``[T, C]`` each, of ``[T, N, C, *S]``."""
     dims = [1, *range(3, input.dim())]
     count = input.numel() // (input.shape[0] * input.shape[2])

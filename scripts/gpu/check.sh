@@ -8,7 +8,7 @@
 #   scripts/gpu/check.sh
 # Rehearsal on a machine without a GPU (the same steps on the CPU; no wheels needed where
 # the venv has them):
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_DATA=DIR OUT=/tmp/rehearsal scripts/gpu/check.sh
+#   PATH=.venv/bin:$PATH GPU_CHECK_DEVICE=cpu GPU_CHECK_DATA=DIR OUT=/tmp/rehearsal scripts/gpu/check.sh
 #
 # Every step runs under its own timeout, cut so that the whole script ends within
 # GPU_CHECK_SECONDS (default 360: a rerun fits in a 15-minute lease); the benchmarks come

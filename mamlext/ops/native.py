@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from mamlext.ops.reference import checked_reference_kernel
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # Every source file of csrc/<device type>/ goes into that device type's library.
 SOURCES = {
@@ -156,8 +158,6 @@ _overrides: list = []  # torch.library.Library objects: their registrations live
 
 def _serve_reference(device_type: str) -> None:
     """Register the pure-PyTorch kernel for ``device_type`` over the native library's."""
-    from mamlext.ops import checked_reference_kernel
-
     library = torch.library.Library("mamlext", "IMPL")
     dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     with warnings.catch_warnings():  # "overriding a previously registered kernel": intended

@@ -1,6 +1,5 @@
-r"""Activation checkpointing of MAML's inner loop: exact meta-gradients in bounded memory.
-
-(Not the training checkpoints that ``mamlext train`` writes: see :mod:`mamlext.checkpoint`.)
+r"""The inner loop recomputed during backward (``MAML(inner_checkpoint=...)``, activation
+checkpointing): exact meta-gradients in memory that does not grow with the inner steps.
 
 The inner loop :math:`\theta^{(k+1)} = u_k(\theta^{(k)})` runs in segments of ``n`` steps.
 Forward keeps only each segment's first state :math:`\theta^{(k_0)}` (the adapted tensors),
@@ -19,20 +18,19 @@ without a graph). ``n`` that minimises the peak is :math:`\sqrt{K s / g}`: the t
 
 On a CPU with glibc the peak RSS also holds what the allocator keeps of the freed
 segments: the segments' results are allocated before their temporaries, and free pages go
-back to the system when too many stay resident (:class:`_GlibcHeap`; ``docs/memory.md``).
+back to the system when too many stay resident (:mod:`mamlext.heap`; ``docs/memory.md``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor
+
+from mamlext.heap import HEAP
 
 # step(state, k, create_graph) -> the state after inner step k
 InnerStep = Callable[[list[Tensor], int, bool], list[Tensor]]
@@ -110,19 +108,19 @@ def _segments(state, plan: list[range], step, second_order, inputs, replaying) -
     every segment (``benchmarks/heap_probe.py``).
     """
     results = [[torch.empty_like(t) for t in state] for _ in plan]
-    on_cpu = _GLIBC_HEAP is not None and any(t.device.type == "cpu" for t in state)
-    heap = _GLIBC_HEAP if on_cpu else None
+    on_cpu = HEAP is not None and any(t.device.type == "cpu" for t in state)
+    heap = HEAP if on_cpu else None
     if heap is not None:
         heap.keep_freed_top()
     for steps, out in zip(plan, results):
-        run = _Run(step, steps, second_order, out, inputs, replaying, heap)
+        run = _SegmentSteps(step, steps, second_order, out, inputs, replaying, heap)
         state = list(_Segment.apply(run, *state, *inputs))
         if heap is not None:  # the segment's temporaries are freed now
             heap.release_if_idle()
     return state
 
 
-class _Run:
+class _SegmentSteps:
     """One segment: its steps, and what its backward needs besides the saved state."""
 
     def __init__(self, step, steps: range, second_order, out, inputs, replaying, heap) -> None:
@@ -157,7 +155,7 @@ class _Segment(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run: _Run, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, run: _SegmentSteps, *tensors: Tensor) -> tuple[Tensor, ...]:
         state = list(tensors[: run.size])
         ctx.run = run
         ctx.save_for_backward(*state)
@@ -169,7 +167,7 @@ class _Segment(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
-        run: _Run = ctx.run
+        run: _SegmentSteps = ctx.run
         wanted = ctx.needs_input_grad[1 + run.size :]
         extra = [t for t, needed in zip(run.inputs, wanted) if needed]
         # allocated before the replay's temporaries, for the reason given in _segments
@@ -181,106 +179,6 @@ class _Segment(torch.autograd.Function):
             run.heap.release_if_idle()
         extra_grads = iter(grads[run.size :])
         return (None, *grads[: run.size], *(next(extra_grads) if n else None for n in wanted))
-
-
-class _GlibcHeap:
-    """glibc's heap kept near what the checkpointed loop uses, without fresh pages each segment.
-
-    Every segment frees its temporaries. glibc keeps freed memory in its heap, and how much
-    of it the next segments cannot reuse depends on the order of allocations: with none
-    handed back, single runs of one meta-step at K = 100 peaked between 129 and 1,301 MB of
-    RSS (``docs/memory.md``). After each segment's forward and backward, when the resident
-    memory that no allocation uses (RSS minus glibc's bytes in use) exceeds by ``MARGIN``
-    its least value seen in this process, ``malloc_trim(0)`` returns the heap's free pages.
-    Not after every segment: each release costs page faults when the memory is used again
-    (a floor measured after a release, lower, made them 5 to 20 times as frequent).
-    """
-
-    MARGIN = 128 << 20
-
-    def __init__(self, libc: ctypes.CDLL) -> None:
-        self._libc = libc
-        self._libc.mallinfo2.restype = _MallInfo2
-        self._libc.malloc.restype = ctypes.c_void_p
-        self._libc.free.argtypes = [ctypes.c_void_p]
-        self._floor: int | None = None  # least RSS - bytes in use: what cannot be returned
-        self._top_kept = False
-
-    def keep_freed_top(self) -> None:
-        """Let glibc keep up to 60 MiB free at its heap's top, as after any 30 MiB free.
-
-        glibc hands the top of its heap back to the system once more than its trim
-        threshold (128 KiB at start, later twice its mmap threshold) is free there, so every
-        segment's temporaries were fresh pages again: a third of a checkpointed step's time
-        on a 2-core VM (system time 14 s of 38 s). Freeing a block it had mapped raises the
-        mmap threshold to that block's size and the trim threshold to twice it (``man 3
-        mallopt``, M_MMAP_THRESHOLD); a process that set them itself (``MALLOC_*_``
-        variables, ``mallopt``) keeps its own.
-        """
-        if not self._top_kept:
-            self._libc.free(self._libc.malloc(30 << 20))
-            self._top_kept = True
-
-    @classmethod
-    def load(cls) -> _GlibcHeap | None:
-        """The process's heap on Linux with glibc >= 2.33 (``mallinfo2``), else ``None``."""
-        if not sys.platform.startswith("linux"):
-            return None
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # another C library
-            return None
-        if not (hasattr(libc, "mallinfo2") and hasattr(libc, "malloc_trim")):
-            return None
-        return cls(libc)
-
-    def mallinfo(self) -> _MallInfo2:
-        """glibc's counters of its heap: ``uordblks`` bytes in use, ``arena`` held, ..."""
-        return self._libc.mallinfo2()
-
-    def trim(self) -> None:
-        """Hand every free page of the heap back to the system (``malloc_trim(0)``)."""
-        self._libc.malloc_trim(0)
-
-    def release_if_idle(self) -> None:
-        unused = self._unused_resident()
-        self._floor = unused if self._floor is None else min(self._floor, unused)
-        if unused > self._floor + self.MARGIN:
-            self.trim()
-            self._floor = min(self._floor, self._unused_resident())
-
-    def _unused_resident(self) -> int:
-        info = self.mallinfo()
-        return resident_bytes() - info.uordblks - info.hblkhd
-
-
-def resident_bytes() -> int:
-    """This process's resident set size (RSS) in bytes, from ``/proc/self/statm``."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _MallInfo2(ctypes.Structure):
-    """glibc's ``struct mallinfo2`` (``man 3 mallinfo2``)."""
-
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in [
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        ]
-    ]
-
-
-_GLIBC_HEAP = _GlibcHeap.load()
 
 
 class _RngState:
