@@ -36,6 +36,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--step-size", type=float, help="inner learning rate (initial value when learned)")
     a("--first-order", action="store_true", help="drop second-order terms (FOMAML)")
     a("--algorithm", default=d.algorithm, help=f"one of {', '.join(ALGORITHMS)}")
+    a(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="the network: a callable returning any nn.Module, called with ways= for "
+        "classification (default: the paper's Conv-4 or MLP)",
+    )
     a("--bn", default=d.bn, help="BatchNorm policy: transductive | per_step | running")
     a(
         "--bn-per-step-weights",

@@ -84,3 +84,39 @@ def twins(name: str, seed: int = 0):
     meta = build(meta=True).to(F64)
     meta.load_state_dict(plain.state_dict())
     return plain, meta, make_input
+
+
+class PlainRegressor(nn.Module):
+    """The paper's 1-40-40-1 sinusoid network as an ordinary module with its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(1, 40)
+        self.more = nn.Linear(40, 40)
+        self.out = nn.Linear(40, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.more(torch.relu(self.hidden(x)))))
+
+
+class PlainConv(nn.Module):
+    """A small Omniglot classifier with its own forward (torch's layers, BatchNorm)."""
+
+    def __init__(self, ways: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16 * 7 * 7, ways)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.view(x.size(0), -1))
+
+
+def plain_regressor():
+    return PlainRegressor()
+
+
+def plain_conv(ways: int):
+    return PlainConv(ways)

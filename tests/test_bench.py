@@ -20,7 +20,10 @@ from mamlext.bench.cli import DEFAULT_OUT
 
 # torchmeta is optional (README: installed with --no-deps); without it its row says so.
 HAS_TORCHMETA = importlib.util.find_spec("torchmeta") is not None
-PEERS = ("higher", "mamlext", "foreach loop", "torchmeta", "torchopt", "mamlext (checkpoint auto)")
+PEERS = (
+    "higher", "mamlext", "foreach loop", "torchmeta", "torchopt", "mamlext (checkpoint auto)",
+    "mamlext (nn.Module, vmap)", "mamlext (nn.Module, per-task)",
+)  # fmt: skip
 EXACT_PEERS = [p for p in PEERS if p != "torchmeta" or HAS_TORCHMETA]
 # One thread: the numbers of every worker (and the cached reference) come from the same
 # arithmetic, and a busy machine does not stall the OpenMP threads.
@@ -47,6 +50,8 @@ def test_every_peer_measured(rows):
         assert math.isfinite(row["peak_mb"]) and row["peak_mb"] >= 0, row
         assert row["speedup"] is not None, row
     assert rows["mamlext"]["path"] in ("batched", "per-task")
+    assert rows["mamlext (nn.Module, vmap)"]["path"] == "batched, nn.Module"
+    assert rows["mamlext (nn.Module, per-task)"]["path"] == "per-task, nn.Module"
 
 
 def test_meta_gradients_agree_with_higher(rows):

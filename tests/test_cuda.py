@@ -297,3 +297,23 @@ def test_tensors_on_a_second_device_get_the_python_checks_message():
         torch.ops.mamlext.fused_sgd(*args)
     assert str(raised.value) == str(expected.value)
     assert "params[1] is on cuda:1 but params[0] is on cuda:0" in str(raised.value)
+
+
+@pytest.mark.parametrize("case", ["LSTM", "transformer"])
+def test_second_order_through_recurrent_and_attention_layers_equals_the_cpu(case):
+    """cuDNN's RNN backward and the fused attention kernels have no double backward: the
+    model call takes other kernels for second-order steps (mamlext/maml/model_call.py)."""
+    from tests.test_any_module import LABELS, Recurrent, Transformer, vectors
+
+    def meta_gradients(device):
+        torch.manual_seed(0)
+        model = {"LSTM": Recurrent, "transformer": Transformer}[case]().to(device, F64)
+        maml = mamlext.MAML(model, step_size=0.3, num_steps=2, batched=False)
+        loss, _ = maml(vectors(1, (6, 5, 6)).to(device), LABELS.to(device),
+                       vectors(2, (6, 5, 6)).to(device), LABELS.to(device))  # fmt: skip
+        return [g.cpu() for g in torch.autograd.grad(loss, list(model.parameters()))]
+
+    cpu, device = meta_gradients("cpu"), meta_gradients(DEVICE)
+    scale = torch.cat([g.flatten() for g in cpu]).norm()
+    for d, c in zip(device, cpu):
+        assert (d - c).norm() <= 1e-10 * scale

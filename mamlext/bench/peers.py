@@ -196,16 +196,23 @@ def build_torchopt(cfg: Config, batch: Batch) -> Peer:
 
 
 def build_mamlext(
-    cfg: Config, batch: Batch, batched: bool | str = "auto", inner_checkpoint=None
+    cfg: Config,
+    batch: Batch,
+    batched: bool | str = "auto",
+    inner_checkpoint=None,
+    layers: Conv4Layers = META_LAYERS,
 ) -> Peer:
-    """``mamlext.MAML`` over all tasks at once (``batched`` as given; path recorded)."""
+    """``mamlext.MAML`` (``batched`` as given; path recorded). ``layers``: mamlext's Meta
+    layers (a MetaModule), or torch's (a plain nn.Module, run through its own forward)."""
     (xs, ys), (xq, yq) = batch["train"], batch["test"]
-    model = twin(cfg, xs, META_LAYERS)
+    model = twin(cfg, xs, layers)
     maml = mamlext.MAML(
         model, step_size=cfg.step_size, num_steps=cfg.steps, batched=batched,
         inner_checkpoint=inner_checkpoint,
     )  # fmt: skip
-    path = "batched" if maml.use_batched(xs, xq) else "per-task"
+    path = ("batched" if maml.use_batched(xs, xq) else "per-task") + (
+        "" if layers is META_LAYERS else ", nn.Module"
+    )
 
     def backward() -> None:
         maml.meta_backward(xs, ys, xq, yq)  # the training loop's call: per-pass backward
@@ -224,8 +231,19 @@ PEERS: dict[str, Callable[[Config, Batch], Peer]] = {
     "mamlext (batched)": partial(build_mamlext, batched=True),
     "mamlext (per-task)": partial(build_mamlext, batched=False),
     "mamlext (checkpoint auto)": partial(build_mamlext, inner_checkpoint="auto"),
+    # the same Conv-4 built from torch's layers: MAML for any nn.Module
+    "mamlext (nn.Module)": partial(build_mamlext, layers=PLAIN_LAYERS),
+    "mamlext (nn.Module, vmap)": partial(build_mamlext, batched=True, layers=PLAIN_LAYERS),
+    "mamlext (nn.Module, per-task)": partial(build_mamlext, batched=False, layers=PLAIN_LAYERS),
 }
-QUICK_PEERS = ("higher", "torchmeta", "foreach loop", "mamlext", "torch.func")
+QUICK_PEERS = (
+    "higher",
+    "torchmeta",
+    "foreach loop",
+    "mamlext",
+    "mamlext (nn.Module)",
+    "torch.func",
+)
 NOTES = {  # shown in the table's note column
     "torch.func": "meta-gradient wrong through BatchNorm under vmap (pytorch/functorch#534)",
 }

@@ -25,6 +25,7 @@ loss, the checks and the BatchNorm policy living in their own modules.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
@@ -42,15 +43,24 @@ from mamlext.maml.checks import (
     warn_if_no_graph,
 )
 from mamlext.maml.inner_loop import InnerLoop
+from mamlext.maml.inputs import Inputs, num_samples, take, tensors
 from mamlext.maml.losses import LossFn, TaskLoss
+from mamlext.maml.model_call import model_call
 from mamlext.maml.recompute import check_setting
 from mamlext.maml.step_sizes import StepSizes
-from mamlext.modules import batchable
-from mamlext.modules.module import MetaModule
 
 # Measured on a 2-core CPU (benchmarks/RESULTS.md): batching all tasks wins on MAML's
 # Omniglot 5-way 1-shot setting (10 samples per task) and loses from ~40 samples per task.
 CPU_BATCHED_MAX_SAMPLES = 16
+LOG = logging.getLogger("mamlext")
+_CANNOT_BATCH = {  # batched=True refused, by kind of model
+    "MetaModuleCall": "batched=True needs a MetaModule built only from mamlext's Meta layers and "
+    "per-sample modules (another forward cannot be task-batched); use batched='auto' or False",
+    "FunctionalCall": "batched=True runs the model's forward under torch.func.vmap, which this "
+    "model does not allow exactly: a recurrent layer, a BatchNorm subclass of its own, or "
+    "BatchNorm layers with bn other than 'transductive' (they update or record running "
+    "statistics); use batched='auto' or False",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +77,14 @@ class MAML(nn.Module):
     """Meta-learn ``model``'s initialisation (and optionally its inner step sizes).
 
     Args:
-        model: a :class:`~mamlext.modules.MetaModule` mapping ``[N, ...]`` inputs of one
-            task to outputs (or ``[T, N, ...]`` task-batched).
+        model: any ``nn.Module`` mapping one task's ``[N, ...]`` inputs to outputs. A
+            :class:`~mamlext.modules.MetaModule` (mamlext's or torchmeta's layers) takes the
+            adapted parameters as ``params=`` and runs all tasks at once where its layers
+            can; any other module runs its own ``forward`` with them through
+            ``torch.func.functional_call`` (its torch BatchNorm layers become mamlext's, a
+            subclass, so that ``bn=`` reaches them; names and buffers are kept). Inputs may
+            be one tensor, or several as a tuple (positional arguments of ``forward``) or a
+            dict (keyword arguments), each ``[T, N, ...]``.
         step_size: the inner learning rate :math:`\\alpha` (the initial value when learned).
         num_steps: inner gradient steps during meta-training.
         first_order: FOMAML: do not differentiate through the inner gradients.
@@ -79,13 +95,16 @@ class MAML(nn.Module):
             parameter tensor and step). See :class:`~mamlext.StepSizes`.
         adapt_params: names (or prefixes such as ``"classifier"``) of the parameters to
             adapt, or a predicate on names; the others stay shared (ANIL). Default: all.
+            Parameters with ``requires_grad=False`` (a frozen submodule) are never adapted.
         num_test_steps: inner steps in eval mode (meta-test); default ``num_steps``.
-        batched: ``True`` adapts all tasks in one pass; ``False`` loops over tasks (any
-            MetaModule, torchmeta's included); ``"auto"`` batches when every submodule is
-            one mamlext knows how to batch and, on the CPU, when tasks are small (at most
-            ``CPU_BATCHED_MAX_SAMPLES`` support + query samples per task: with larger tasks
-            the CPU is compute-bound and the per-task loop measured faster, see
-            ``benchmarks/RESULTS.md``).
+        batched: ``True`` adapts all tasks in one pass; ``False`` loops over tasks;
+            ``"auto"`` batches when the model allows it exactly (a MetaModule of layers
+            mamlext knows how to batch; another module under ``torch.func.vmap``, without
+            recurrent layers or BatchNorm that updates running statistics) and, on the CPU,
+            when tasks are small (at most ``CPU_BATCHED_MAX_SAMPLES`` support + query
+            samples per task: with larger tasks the CPU is compute-bound and the per-task
+            loop measured faster, see ``benchmarks/RESULTS.md``). ``maml.use_batched(xs,
+            xq)`` says which path a meta-batch takes.
         allow_unused: let adapted parameters that the loss does not use stay unchanged
             instead of raising.
         bn: the BatchNorm statistics policy of every Meta BatchNorm layer (see
@@ -118,7 +137,7 @@ class MAML(nn.Module):
 
     def __init__(
         self,
-        model: MetaModule,
+        model: nn.Module,
         step_size: float = 0.4,
         num_steps: int = 1,
         first_order: bool = False,
@@ -134,11 +153,7 @@ class MAML(nn.Module):
         inner_checkpoint: int | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module) or not hasattr(model, "meta_named_parameters"):
-            raise TypeError(
-                f"MAML needs a MetaModule (forward(x, params=...)), got {type(model).__name__}; "
-                "convert a plain nn.Module with mamlext.modules.metafy(model)"
-            )
+        self.model_call = model_call(model)  # the torch BatchNorm of a plain model become Meta ones
         if num_steps < 0 or (num_test_steps is not None and num_test_steps < 0):
             raise ValueError("num_steps and num_test_steps must be >= 0")
         if batched not in (True, False, "auto"):
@@ -149,30 +164,30 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.task_loss = TaskLoss(loss_fn, per_sample_loss)
         self.batched = batched
-        self._batchable = batchable(model)
-        if batched is True and not self._batchable:
-            raise ValueError(
-                "batched=True needs a model built only from mamlext's Meta layers and per-sample "
-                "modules (a custom forward cannot be task-batched); use batched='auto' or False"
-            )
         # The policy first: per-step BatchNorm weights replace the layers' own.
         self.bn_policy = BatchNormPolicy(model, bn, num_steps, bn_per_step_weights)
-        meta = OrderedDict(model.meta_named_parameters())
+        if batched is True and not self.model_call.can_batch(bn):
+            raise ValueError(_CANNOT_BATCH[type(self.model_call).__name__])
+        meta = self.model_call.parameters()
         learned_outside = set(self.bn_policy.per_step_weight_names())
         self.adapted_names = [
-            n for n in select_adapted(meta, adapt_params) if n not in learned_outside
+            n
+            for n in select_adapted(meta, adapt_params)
+            if n not in learned_outside and meta[n].requires_grad  # frozen: never adapted
         ]
         if not self.adapted_names:
             raise ValueError(
-                "adapt_params selects only per-step BatchNorm weights, which are never adapted"
+                "adapt_params selects only per-step BatchNorm weights or frozen parameters "
+                "(requires_grad=False), which are never adapted"
             )
         self.step_sizes = StepSizes(
             [meta[n] for n in self.adapted_names], step_size_mode, step_size, num_steps
         )
         self.inner_loop = InnerLoop(
-            model, self.adapted_names, self.step_sizes, self.bn_policy, allow_unused
+            self.model_call, self.adapted_names, self.step_sizes, self.bn_policy, allow_unused
         )
         self.inner_checkpoint = inner_checkpoint
+        self._reads_checked = False  # the forward reads the adapted tensors (once per MAML)
 
     @property
     def loss_fn(self) -> LossFn:
@@ -207,7 +222,7 @@ class MAML(nn.Module):
     # ---- adaptation -------------------------------------------------------------------
 
     def adapt(
-        self, support_x: Tensor, support_y: Tensor, num_steps: int | None = None
+        self, support_x: Inputs, support_y: Tensor, num_steps: int | None = None
     ) -> OrderedDict[str, Tensor]:
         """Adapt to every task of the meta-batch.
 
@@ -232,7 +247,7 @@ class MAML(nn.Module):
         if self.use_batched(support_x):
             return self._adapt(support_x, support_y, steps)
         per_task = [
-            self._adapt(support_x[t], support_y[t], steps, task=t) for t in range(num_tasks)
+            self._adapt(take(support_x, t), support_y[t], steps, task=t) for t in range(num_tasks)
         ]
         return OrderedDict(
             (
@@ -244,9 +259,9 @@ class MAML(nn.Module):
 
     def forward(
         self,
-        support_x: Tensor,
+        support_x: Inputs,
         support_y: Tensor,
-        query_x: Tensor,
+        query_x: Inputs,
         query_y: Tensor,
         num_steps: int | None = None,
         step_weights: Sequence[float] | Tensor | None = None,
@@ -273,9 +288,9 @@ class MAML(nn.Module):
 
     def meta_backward(
         self,
-        support_x: Tensor,
+        support_x: Inputs,
         support_y: Tensor,
-        query_x: Tensor,
+        query_x: Inputs,
         query_y: Tensor,
         num_steps: int | None = None,
         tasks_per_pass: int | None = None,
@@ -299,10 +314,11 @@ class MAML(nn.Module):
         with self.bn_policy.meta_batch(self.training):
             for start in range(0, batch.num_tasks, tasks_per_pass):
                 part = slice(start, start + tasks_per_pass)
-                size = support_x[part].shape[0]
+                size = support_y[part].shape[0]
                 loss, out = self._meta_loss(
-                    support_x[part], support_y[part], query_x[part], query_y[part], batch
-                )
+                    take(support_x, part), support_y[part], take(query_x, part), query_y[part],
+                    batch,
+                )  # fmt: skip
                 (loss * (size / batch.num_tasks)).backward()
                 losses.append(loss.detach() * size)
                 outputs.append(out.detach())
@@ -310,9 +326,9 @@ class MAML(nn.Module):
 
     def prepare(
         self,
-        support_x: Tensor,
+        support_x: Inputs,
         support_y: Tensor,
-        query_x: Tensor,
+        query_x: Inputs,
         query_y: Tensor,
         num_steps: int | None = None,
         step_weights: Sequence[float] | Tensor | None = None,
@@ -325,10 +341,22 @@ class MAML(nn.Module):
         steps = self._steps(num_steps)
         recomputed = self.inner_checkpoint is not None and torch.is_grad_enabled()
         weights = check_step_weights(step_weights, steps, recomputed)
+        if torch.is_grad_enabled() and not self.first_order and steps > 0:
+            self.model_call.check_second_order()
         self._check_modes(stacklevel=4)
+        LOG.debug(
+            "MAML: %d tasks %s, %d inner steps, model called as %s", num_tasks,
+            "at once" if batched else "one by one", steps, self.model_call.kind,
+        )  # fmt: skip
         return MetaBatch(num_tasks, batched, steps, weights)
 
-    def use_batched(self, support_x: Tensor, query_x: Tensor | None = None) -> bool:
+    def extra_repr(self) -> str:
+        return (
+            f"model_call={self.model_call.kind!r}, batched={self.batched!r}, "
+            f"num_steps={self.num_steps}, first_order={self.first_order}, bn={self.bn!r}"
+        )
+
+    def use_batched(self, support_x: Inputs, query_x: Inputs | None = None) -> bool:
         """Whether a meta-batch runs task-batched (``batched``; ``"auto"``: see above).
 
         The one place that decides; ``adapt``, ``forward`` and ``meta_backward`` ask once
@@ -336,9 +364,10 @@ class MAML(nn.Module):
         """
         if self.batched != "auto":
             return bool(self.batched)
-        samples = support_x.shape[1] + (0 if query_x is None else query_x.shape[1])
-        return self._batchable and (
-            support_x.device.type != "cpu" or samples <= CPU_BATCHED_MAX_SAMPLES
+        samples = num_samples(support_x) + (0 if query_x is None else num_samples(query_x))
+        on_cpu = tensors(support_x)[0].device.type == "cpu"
+        return self.model_call.can_batch(self.bn) and (
+            not on_cpu or samples <= CPU_BATCHED_MAX_SAMPLES
         )
 
     def _meta_loss(self, support_x, support_y, query_x, query_y, batch: MetaBatch):
@@ -346,11 +375,13 @@ class MAML(nn.Module):
         steps of it) and the query outputs ``[T, Nq, ...]`` after the last step."""
         if batch.batched:
             loss, outputs = self._adapt_and_query(support_x, support_y, query_x, query_y, batch)
-            return loss / support_x.shape[0], outputs
+            return loss / support_y.shape[0], outputs
         losses, outputs = zip(
             *(
-                self._adapt_and_query(xs, ys, xq, yq, batch, task=t)
-                for t, (xs, ys, xq, yq) in enumerate(zip(support_x, support_y, query_x, query_y))
+                self._adapt_and_query(
+                    take(support_x, t), support_y[t], take(query_x, t), query_y[t], batch, task=t
+                )
+                for t in range(support_y.shape[0])
             )
         )
         return torch.stack(losses).mean(), torch.stack(outputs)
@@ -362,9 +393,14 @@ class MAML(nn.Module):
         tasks (weighted over the steps with step weights) and the last query outputs."""
         step_weights = batch.step_weights
 
+        num_tasks = None if task is not None else yq.shape[0]
+
         def query_loss(params, final: bool = True) -> tuple[Tensor, Tensor]:
             with self.bn_policy.at_query(record=final):
-                out = self.model(xq, params=params)
+                out = self.model_call(xq, params, num_tasks)
+            if not (self._reads_checked or self.allow_unused) and torch.is_grad_enabled():
+                self.model_call.check_reads(out, {n: params[n] for n in self.adapted_names})
+                self._reads_checked = True
             if task is None:
                 return self.task_loss.per_task(out, yq).sum(), out
             return self.task_loss.one(out, yq, task), out
@@ -394,7 +430,7 @@ class MAML(nn.Module):
             def support_loss(out: Tensor, targets: Tensor) -> Tensor:
                 return self.task_loss.one(out, targets, task)
 
-        num_tasks = x.shape[0] if task is None else None
+        num_tasks = y.shape[0] if task is None else None
         return self.inner_loop.run(
             x, y, steps, support_loss, num_tasks, self.first_order, self.inner_checkpoint,
             after_step,

@@ -12,13 +12,32 @@ import torch
 from torch import Tensor, nn
 
 
-def check_tasks(model: nn.Module, **tensors: Tensor) -> int:
-    """The task count ``T`` shared by ``[T, N, ...]`` tensors; clear errors otherwise."""
+def check_tasks(model: nn.Module, **values) -> int:
+    """The task count ``T`` shared by ``[T, N, ...]`` tensors; clear errors otherwise.
+
+    ``support_x``/``query_x`` may be one tensor or a tuple, list or dict of them (the
+    model's positional or keyword arguments, each ``[T, N, ...]``).
+    """
+    tensors: dict[str, Tensor] = {}
+    for name, value in values.items():
+        if name.endswith("_x") and isinstance(value, (tuple, list, dict)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            found = {f"{name}[{key!r}]": v for key, v in items if isinstance(v, Tensor)}
+            if not found:
+                raise TypeError(f"{name} holds no tensor: {type(value).__name__} of {value!r:.80}")
+            tensors.update(found)
+        elif not isinstance(value, Tensor):
+            kinds = (
+                "a tensor [T, N, ...] (or a tuple or dict of them)"
+                if name.endswith("_x")
+                else "a tensor [T, N, ...]"
+            )
+            raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
+        else:
+            tensors[name] = value
     counts = {}
     takes_indices = any(isinstance(m, nn.Embedding) for m in model.modules())
     for name, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a tensor [T, N, ...], got {type(value).__name__}")
         if value.dim() < 2:
             raise ValueError(
                 f"{name} must be [T, N, ...] (tasks, samples, ...), got shape {tuple(value.shape)}"
@@ -33,17 +52,19 @@ def check_tasks(model: nn.Module, **tensors: Tensor) -> int:
         raise ValueError(f"support and query sets disagree on the number of tasks T: {counts}")
     if 0 in counts.values():
         raise ValueError("the meta-batch has no task (T = 0)")
-    for name in ("support_x", "query_x"):
-        if name in tensors and tensors[name].shape[1] == 0:
-            raise ValueError(
-                f"{name} has 0 samples per task: "
-                + ("nothing to adapt on" if name == "support_x" else "the query loss would be NaN")
-            )
     for kind in ("support", "query"):
-        x, y = tensors.get(f"{kind}_x"), tensors.get(f"{kind}_y")
-        if x is not None and y is not None and x.shape[1] != y.shape[1]:
+        samples = {n: t.shape[1] for n, t in tensors.items() if n.startswith(kind)}
+        inputs = [n for n in samples if not n.startswith(f"{kind}_y")]
+        if any(samples[n] == 0 for n in inputs):
             raise ValueError(
-                f"{kind}_x has {x.shape[1]} samples per task but {kind}_y has {y.shape[1]}"
+                f"{kind}_x has 0 samples per task: "
+                + ("nothing to adapt on" if kind == "support" else "the query loss would be NaN")
+            )
+        if len(set(samples.values())) > 1:
+            first = next(iter(samples))
+            other = next(n for n in samples if samples[n] != samples[first])
+            raise ValueError(
+                f"{first} has {samples[first]} samples per task but {other} has {samples[other]}"
             )
     return next(iter(counts.values()))
 

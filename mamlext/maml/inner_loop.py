@@ -10,6 +10,7 @@ recomputed in backward (:mod:`mamlext.maml.recompute`).
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 
 from mamlext.inner import inner_step
 from mamlext.maml.batchnorm import BatchNormPolicy
+from mamlext.maml.inputs import Inputs, tensors
+from mamlext.maml.model_call import ModelCall
 from mamlext.maml.recompute import checkpointed_inner_loop
 from mamlext.maml.step_sizes import StepSizes
 from mamlext.modules.norm import MetaBatchNormBase
@@ -32,7 +35,8 @@ class InnerLoop:
     """The inner SGD steps of the adapted parameters of ``model``.
 
     Args:
-        model: a MetaModule (``model(x, params=...)``).
+        model_call: the model, called with given parameters (a MetaModule's ``params=``, or
+            any module's own forward through ``torch.func.functional_call``).
         adapted: names of the parameters to adapt (the others stay shared).
         step_sizes: the rate of each adapted tensor at each step.
         bn_policy: the BatchNorm policy, told which step each forward is.
@@ -41,18 +45,22 @@ class InnerLoop:
 
     def __init__(
         self,
-        model: nn.Module,
+        model_call: ModelCall,
         adapted: list[str],
         step_sizes: StepSizes,
         bn_policy: BatchNormPolicy,
         allow_unused: bool,
     ) -> None:
-        self.model, self.adapted, self.step_sizes = model, adapted, step_sizes
+        self.model_call, self.adapted, self.step_sizes = model_call, adapted, step_sizes
         self.bn_policy, self.allow_unused = bn_policy, allow_unused
+
+    @property
+    def model(self) -> nn.Module:
+        return self.model_call.model
 
     def run(
         self,
-        x: Tensor,
+        x: Inputs,
         y: Tensor,
         steps: int,
         support_loss: SupportLoss,
@@ -77,7 +85,8 @@ class InnerLoop:
         second_order = keeps_graph and not first_order
         names = self.adapted
         with torch.enable_grad():
-            fast = OrderedDict(self.model.meta_named_parameters())
+            fast = self.model_call.parameters()
+            device = next(iter(fast.values())).device
             if num_tasks is not None:
                 for name in names:
                     fast[name] = fast[name].expand(num_tasks, *fast[name].shape)
@@ -89,8 +98,13 @@ class InnerLoop:
 
             def step(adapted: list[Tensor], k: int, create_graph: bool) -> list[Tensor]:
                 params = with_adapted(adapted)
-                with self.bn_policy.at_step(k):
-                    loss = support_loss(self.model(x, params=params), y)
+                kernels = (
+                    self.model_call.twice_differentiable(device)
+                    if create_graph
+                    else contextlib.nullcontext()
+                )
+                with self.bn_policy.at_step(k), kernels:
+                    loss = support_loss(self.model_call(x, params, num_tasks), y)
                 current = OrderedDict(zip(names, adapted))
                 return inner_step(
                     loss, current, self.step_sizes.at(k), not create_graph, self.allow_unused
@@ -105,7 +119,7 @@ class InnerLoop:
             else:
                 self._check_replayable()
                 # everything the steps read that may require grad (inputs too: x.grad)
-                inputs = [*self.model.parameters(), *self.step_sizes.parameters(), x, y]
+                inputs = [*self.model.parameters(), *self.step_sizes.parameters(), *tensors(x), y]
                 adapted = checkpointed_inner_loop(
                     step, adapted, steps, inner_checkpoint, second_order, inputs,
                     self.bn_policy.replaying,

@@ -280,3 +280,28 @@ class MetaGroupNorm(nn.GroupNorm, MetaModule):
             per_task(bias, self.bias, num_tasks),
             channel_dim=2,
         )
+
+
+TORCH_TO_META_BATCHNORM = {
+    nn.BatchNorm1d: MetaBatchNorm1d,
+    nn.BatchNorm2d: MetaBatchNorm2d,
+    nn.BatchNorm3d: MetaBatchNorm3d,
+}
+
+
+def make_meta_batchnorm(model: nn.Module) -> list[str]:
+    """Turn the torch BatchNorm layers of ``model`` into mamlext's, in place; their names.
+
+    Each ``nn.BatchNorm1d/2d/3d`` (exactly those classes: a subclass may have its own
+    forward) becomes a ``MetaBatchNorm1d/2d/3d``, a subclass of it with the same parameters,
+    buffers, names and, without a policy, the same forward: what lets a
+    :class:`mamlext.BatchNormPolicy` reach the BatchNorm layers of a model with its own
+    ``forward``. ``isinstance(layer, nn.BatchNorm2d)`` stays true.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        meta = TORCH_TO_META_BATCHNORM.get(type(module))
+        if meta is not None:
+            module.__class__ = meta
+            changed.append(name)
+    return changed

@@ -3,7 +3,10 @@ task samplers and the MAML of the paper's network for the data."""
 
 from __future__ import annotations
 
+import importlib
+
 import torch.nn.functional as F
+from torch import nn
 
 from mamlext.maml import MAML
 from mamlext.models import conv4, mlp
@@ -26,11 +29,33 @@ def build_sampler(config: TrainConfig, split: str, seed: int, rank: int = 0):
     )  # fmt: skip
 
 
+def build_model(config: TrainConfig) -> nn.Module:
+    """The config's network: the paper's for the data (1-40-40-1 MLP or Conv-4, Meta layers)
+    or ``config.model``, ``"package.module:factory"``, called with ``ways=`` for
+    classification and nothing for regression (any ``nn.Module``)."""
+    if config.model is None:
+        return mlp() if config.regression else conv4(config.ways)
+    module_name, _, attribute = config.model.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"--model {config.model!r}: cannot import it ({type(error).__name__}: {error}); give "
+            "package.module:factory, a callable returning an nn.Module"
+        ) from None
+    model = factory() if config.regression else factory(ways=config.ways)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"--model {config.model!r} returned a {type(model).__name__}, not an nn.Module"
+        )
+    return model
+
+
 def build_maml(config: TrainConfig) -> MAML:
-    """The paper's network for the data (1-40-40-1 MLP or Conv-4) in the config's MAML variant."""
-    model = mlp() if config.regression else conv4(config.ways)
+    """The config's network (:func:`build_model`) in the config's MAML variant."""
+    model = build_model(config)
     modes = {"metasgd": "per_element", "mamlpp": "per_layer_per_step"}
-    head = [name for name, _ in model.meta_named_parameters()][-2:]
+    head = [name for name, _ in model.named_parameters()][-2:]
     return MAML(
         model,
         step_size=config.step_size,

@@ -62,6 +62,7 @@ class TrainConfig:
     step_size: float | None = None
     first_order: bool = False
     algorithm: str = "maml"
+    model: str | None = None  # None: the paper's network; else "package.module:factory"
     bn: str = "transductive"
     # MAML++ (--algorithm mamlpp turns each on; each may be set on its own)
     bn_per_step_weights: bool | None = None

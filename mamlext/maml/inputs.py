@@ -1,0 +1,43 @@
+"""A meta-batch's inputs: one tensor ``[T, N, ...]``, or several, given to the model as
+positional arguments (a tuple or list) or keyword arguments (a dict), e.g. token ids and an
+attention mask. Every tensor has the tasks first and the samples second; other values
+(flags, sizes) are passed to every call as they are."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from torch import Tensor
+
+Inputs = Union[Tensor, tuple, list, dict]
+
+
+def tensors(x: Inputs) -> list[Tensor]:
+    """The tensors of ``x``, in order."""
+    if isinstance(x, Tensor):
+        return [x]
+    values = x.values() if isinstance(x, dict) else x
+    return [v for v in values if isinstance(v, Tensor)]
+
+
+def take(x: Inputs, index: Any) -> Inputs:
+    """``x`` with every tensor indexed by ``index`` (a task, or a slice of tasks)."""
+    if isinstance(x, Tensor):
+        return x[index]
+    if isinstance(x, dict):
+        return {k: v[index] if isinstance(v, Tensor) else v for k, v in x.items()}
+    return type(x)(v[index] if isinstance(v, Tensor) else v for v in x)
+
+
+def as_arguments(x: Inputs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the model call for ``x``."""
+    if isinstance(x, Tensor):
+        return (x,), {}
+    if isinstance(x, dict):
+        return (), dict(x)
+    return tuple(x), {}
+
+
+def num_samples(x: Inputs) -> int:
+    """Samples per task: dim 1 of the inputs' first tensor."""
+    return tensors(x)[0].shape[1]
