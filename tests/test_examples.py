@@ -14,6 +14,7 @@ EXAMPLES = {
     "sinusoid": ["examples/sinusoid.py", "--plot", "{tmp}/fits.png"],
     "higher": ["examples/maml_higher.py", "--data-root", str(OMNIGLOT)],
     "torchmeta": ["examples/maml_omniglot_torchmeta.py", "--folder", str(OMNIGLOT / "torchmeta")],
+    "learn2learn": ["examples/maml_omniglot_learn2learn.py", "--data-root", str(OMNIGLOT)],
     "torchmeta --batched": [
         "examples/maml_omniglot_torchmeta.py",
         "--folder",
