@@ -8,7 +8,8 @@ import json
 import signal
 import sys
 
-from mamlext.train import ALGORITHMS, DATASETS, TrainConfig
+from mamlext.modules.norm import BN_POLICIES
+from mamlext.train import ALGORITHMS, DATASETS, QUERY_MODES, TrainConfig
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="the network: a callable returning any nn.Module, called with ways= for "
         "classification (default: the paper's Conv-4 or MLP)",
     )
-    a("--bn", default=d.bn, help="BatchNorm policy: transductive | per_step | running")
+    a(
+        "--bn",
+        default=d.bn,
+        choices=BN_POLICIES,
+        help="BatchNorm policy (docs/train_eval.md; default: %(default)s)",
+    )
     a(
         "--bn-per-step-weights",
         action=argparse.BooleanOptionalAction,
@@ -182,8 +188,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from mamlext.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        args.checkpoint, tasks=args.tasks, steps=args.steps, device=args.device
-    )
+        args.checkpoint, tasks=args.tasks, steps=args.steps, device=args.device, bn=args.bn,
+        query_mode=args.query_mode, query=args.query,
+    )  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0
 
@@ -224,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", type=int, default=600)
     evaluate.add_argument("--steps", type=int, help="inner steps (default: the run's test steps)")
     evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument(
+        "--bn",
+        choices=BN_POLICIES,
+        help="BatchNorm policy at meta-test (default: the run's; another must keep no running "
+        "statistics: transductive or support)",
+    )
+    evaluate.add_argument(
+        "--query-mode",
+        choices=QUERY_MODES,
+        default="task",
+        help="predict each query with all of its task's queries (task), alone (one), or with "
+        "the other queries taken from other tasks (mixed); default: %(default)s",
+    )
+    evaluate.add_argument(
+        "--query", type=int, help="query examples per class at meta-test (default: the run's)"
+    )
     evaluate.set_defaults(run=_evaluate)
     from mamlext.bench import build_parser as add_bench_arguments
 

@@ -96,6 +96,7 @@ def launch(world_size, args, extra_env=None, timeout=300, script=STEPS_SCRIPT):
         # uneven shares (1 and 2 tasks), averaged with weights
         ("transductive", "fixed", 3),
         ("per_step", "per_layer_per_step", 3),
+        ("support", "per_element", 3),
     ],
 )
 def test_two_processes_equal_one_process_on_the_combined_meta_batch(tmp_path, bn, mode, tasks):
@@ -116,7 +117,7 @@ def assert_two_equal_one(tmp_path, bn, mode, tasks, two_env=None):
     a, b = torch.load(one), torch.load(two)
     assert a.keys() == b.keys()
     moved = [k for k in a if "step_sizes" in k or "running" in k]
-    assert moved or bn == "transductive"
+    assert moved or bn in ("transductive", "support")
     for k in a:
         torch.testing.assert_close(
             b[k], a[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}"

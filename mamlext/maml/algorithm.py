@@ -43,7 +43,7 @@ from mamlext.maml.checks import (
     warn_if_no_graph,
 )
 from mamlext.maml.inner_loop import InnerLoop
-from mamlext.maml.inputs import Inputs, num_samples, take, tensors
+from mamlext.maml.inputs import Inputs, concat_samples, num_samples, take, tensors
 from mamlext.maml.losses import LossFn, TaskLoss
 from mamlext.maml.model_call import model_call
 from mamlext.maml.recompute import check_setting
@@ -58,7 +58,7 @@ _CANNOT_BATCH = {  # batched=True refused, by kind of model
     "per-sample modules (another forward cannot be task-batched); use batched='auto' or False",
     "FunctionalCall": "batched=True runs the model's forward under torch.func.vmap, which this "
     "model does not allow exactly: a recurrent layer, a BatchNorm subclass of its own, or "
-    "BatchNorm layers with bn other than 'transductive' (they update or record running "
+    "BatchNorm layers with bn 'per_step', 'running' or None (they update or record running "
     "statistics); use batched='auto' or False",
 }
 
@@ -110,8 +110,10 @@ class MAML(nn.Module):
         bn: the BatchNorm statistics policy of every Meta BatchNorm layer (see
             :class:`~mamlext.BatchNormPolicy` and ``docs/train_eval.md``):
             ``"transductive"`` (original MAML: batch statistics always, running ones never
-            touched), ``"per_step"`` (MAML++), ``"running"``, or ``None`` to leave the
-            layers as they are (``nn.BatchNorm`` semantics).
+            touched), ``"support"`` (each query normalised with its task's support
+            statistics: no dependence on the other queries), ``"per_step"`` (MAML++),
+            ``"running"``, or ``None`` to leave the layers as they are (``nn.BatchNorm``
+            semantics).
         per_sample_loss: whether ``loss_fn(outputs, targets, reduction="none")`` gives
             per-sample (or per-element) losses whose plain mean is ``loss_fn(outputs,
             targets)``; then all tasks' losses take one call, else one call per task.
@@ -257,6 +259,44 @@ class MAML(nn.Module):
             for name, value in per_task[0].items()
         )
 
+    def predict(
+        self,
+        params: OrderedDict[str, Tensor],
+        query_x: Inputs,
+        support_x: Inputs | None = None,
+    ) -> Tensor:
+        """The model's outputs ``[T, Nq, ...]`` on the query sets with parameters ``params``
+        from :meth:`adapt`, normalised as the BatchNorm policy says.
+
+        Args:
+            params: :meth:`adapt`'s result (adapted parameters ``[T, *shape]``).
+            query_x: ``[T, Nq, ...]`` query inputs.
+            support_x: the support inputs given to :meth:`adapt`; needed by ``bn="support"``
+                (whose queries are normalised with their support set's statistics).
+        """
+        if self.bn_policy.normalises_by_support and support_x is None:
+            raise ValueError(
+                "bn='support' normalises queries with the support statistics: pass "
+                "support_x, the inputs given to adapt()"
+            )
+        given = (
+            {"query_x": query_x}
+            if support_x is None
+            else {"support_x": support_x, "query_x": query_x}
+        )
+        num_tasks = check_tasks(self.model, **given)
+        if self.use_batched(*given.values()):
+            return self._query_outputs(params, query_x, support_x, num_tasks, record=False)
+        return torch.stack([
+            self._query_outputs(
+                OrderedDict(
+                    (n, v[t] if n in self.adapted_names else v) for n, v in params.items()
+                ),
+                take(query_x, t), None if support_x is None else take(support_x, t), None,
+                record=False,
+            ) for t in range(num_tasks)
+        ])  # fmt: skip
+
     def forward(
         self,
         support_x: Inputs,
@@ -396,8 +436,7 @@ class MAML(nn.Module):
         num_tasks = None if task is not None else yq.shape[0]
 
         def query_loss(params, final: bool = True) -> tuple[Tensor, Tensor]:
-            with self.bn_policy.at_query(record=final):
-                out = self.model_call(xq, params, num_tasks)
+            out = self._query_outputs(params, xq, xs, num_tasks, record=final)
             if not (self._reads_checked or self.allow_unused) and torch.is_grad_enabled():
                 self.model_call.check_reads(out, {n: params[n] for n in self.adapted_names})
                 self._reads_checked = True
@@ -417,6 +456,20 @@ class MAML(nn.Module):
         if step_weights is not None:
             loss = sum(earlier, step_weights[-1] * loss)
         return loss, outputs
+
+    def _query_outputs(self, params, xq, xs, num_tasks: int | None, record: bool = True):
+        """The model's outputs on the query inputs ``xq`` (one task's, or all tasks' when
+        ``num_tasks``); with ``bn="support"`` the support inputs ``xs`` run with them, and
+        their statistics normalise both."""
+        if not self.bn_policy.normalises_by_support:
+            with self.bn_policy.at_query(record=record):
+                return self.model_call(xq, params, num_tasks)
+        sample_dim = 0 if num_tasks is None else 1
+        support = num_samples(xs) if num_tasks is not None else tensors(xs)[0].shape[0]
+        both = concat_samples(xs, xq, sample_dim)
+        with self.bn_policy.at_query(record=record, support_samples=support):
+            out = self.model_call(both, params, num_tasks)
+        return out.narrow(sample_dim, support, out.shape[sample_dim] - support)
 
     def _adapt(self, x: Tensor, y: Tensor, steps: int, task: int | None = None, after_step=None):
         """The inner loop on one task's support batch (``task``) or all tasks' (``None``)."""

@@ -33,7 +33,16 @@ class BatchNormPolicy:
         mode, updating the running ones; running statistics in eval mode.
     ``"transductive"`` (original MAML)
         batch statistics always, in training and eval mode, inner and outer loop, meta-test
-        included; running statistics never touched.
+        included; running statistics never touched. A query prediction depends on the other
+        queries of its task (they share the statistics).
+    ``"support"``
+        transductive on the support set only: in training and eval mode, each task's query
+        pass is normalised with the batch statistics of that task's support set under the
+        same parameters (the support samples run through the model with the queries, and
+        their statistics normalise both, differentiably); the inner loop as ``transductive``.
+        A query prediction depends on its task's support set alone, never on the other
+        queries, so one query at a time gives the same answer. Running statistics never
+        touched.
     ``"per_step"`` (MAML++)
         one set of running statistics per inner step and one for the query set. Training
         mode normalises with each task's batch statistics; after each meta-training step
@@ -181,7 +190,7 @@ class BatchNormPolicy:
 
     def check_modes(self, training: bool) -> None:
         """Raise if a BatchNorm would normalise with never-trained statistics at meta-training."""
-        if not training or self.name == "transductive":
+        if not training or self.name in ("transductive", "support"):
             return
         for name, module in self.model.named_modules():
             untrained_eval_bn = (
@@ -202,20 +211,35 @@ class BatchNormPolicy:
         """The enclosed forwards are inner step ``step`` on the support sets."""
         return self._at(step)
 
-    def at_query(self, record: bool = True) -> contextlib.AbstractContextManager[None]:
+    def at_query(
+        self, record: bool = True, support_samples: int | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """The enclosed forwards are on the query sets (also the default outside MAML).
 
         ``record=False``: an extra query pass (the multi-step loss's, before the last step)
         whose statistics are not recorded: the query set's running statistics follow the
         final pass alone, the one meta-test normalises.
+        ``support_samples`` (policy ``"support"``): each task's inputs are its
+        ``support_samples`` support samples followed by its queries.
         """
-        return self._at(None, record)
+        return self._at(None, record, support_samples)
 
-    def _at(self, step: int | None, record: bool = True):
+    @property
+    def normalises_by_support(self) -> bool:
+        """Whether query passes must carry the support samples (policy ``"support"``)."""
+        return self.name == "support"
+
+    def _at(self, step: int | None, record: bool = True, support_samples: int | None = None):
         current = norm_step(self.settings)
         records = current.records if record else None
         return at_norm_step(
-            dataclasses.replace(current, owner=self.settings, step=step, records=records)
+            dataclasses.replace(
+                current,
+                owner=self.settings,
+                step=step,
+                records=records,
+                support_samples=support_samples,
+            )  # fmt: skip
         )
 
     @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+import torch
 from torch import Tensor
 
 Inputs = Union[Tensor, tuple, list, dict]
@@ -41,3 +42,27 @@ def as_arguments(x: Inputs) -> tuple[tuple, dict]:
 def num_samples(x: Inputs) -> int:
     """Samples per task: dim 1 of the inputs' first tensor."""
     return tensors(x)[0].shape[1]
+
+
+def concat_samples(first: Inputs, second: Inputs, dim: int) -> Inputs:
+    """``first`` then ``second`` along the sample dimension ``dim`` of every tensor (other
+    values are taken from ``second``): one forward of a task's support and query samples."""
+    if isinstance(first, Tensor):
+        return _cat(first, second, dim)
+    if isinstance(first, dict):
+        return {
+            k: _cat(first[k], v, dim) if isinstance(v, Tensor) else v for k, v in second.items()
+        }
+    return type(second)(
+        _cat(a, b, dim) if isinstance(b, Tensor) else b for a, b in zip(first, second)
+    )
+
+
+def _cat(first: Tensor, second: Tensor, dim: int) -> Tensor:
+    if first.shape[:dim] != second.shape[:dim] or first.shape[dim + 1 :] != second.shape[dim + 1 :]:
+        raise ValueError(
+            "bn='support' runs each task's support and query samples through the model in one "
+            "forward, so their inputs must match in every dimension but the samples: got "
+            f"support {tuple(first.shape)} and query {tuple(second.shape)}"
+        )
+    return torch.cat([first, second], dim)

@@ -182,10 +182,11 @@ class FunctionalCall(ModelCall):
     def can_batch(self, bn_policy: str | None) -> bool:
         """``vmap`` runs every task's forward in one call, with one condition per hazard:
         no recurrent layer (no batching rule), no BatchNorm that records or updates running
-        statistics (side effects inside ``vmap``: only ``bn="transductive"``)."""
+        statistics (side effects inside ``vmap``: only ``bn="transductive"`` and
+        ``"support"``)."""
         if self._has_rnn or self._has_foreign_norm:
             return False
-        return not self.meta_batchnorm or bn_policy == "transductive"
+        return not self.meta_batchnorm or bn_policy in ("transductive", "support")
 
 
 def _uses_weight_norm(module: nn.Module) -> bool:

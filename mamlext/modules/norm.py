@@ -40,7 +40,7 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: 
     return y
 
 
-BN_POLICIES = ("transductive", "per_step", "running")
+BN_POLICIES = ("transductive", "support", "per_step", "running")
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ class NormSettings:
     hold it as ``norm_settings`` (``None``: ``nn.BatchNorm``'s semantics, torchmeta's layer).
 
     Attributes:
-        policy: ``None``, ``"transductive"``, ``"per_step"`` or ``"running"``
+        policy: ``None``, ``"transductive"``, ``"support"``, ``"per_step"`` or ``"running"``
             (``BatchNormPolicy`` says what each means).
         num_steps: inner steps of meta-training; rows ``0..num_steps - 1`` belong to them and
             row ``num_steps`` to the query pass.
@@ -86,12 +86,16 @@ class NormStep:
             task's batch statistics ``[T, C]``; ``None``: record nothing.
         replaying: a recomputation of forwards already done (the inner loop's recompute in
             backward): record nothing, update no running statistics.
+        support_samples: policy ``"support"``'s query pass: the inputs are each task's
+            support samples followed by its queries, and the first ``support_samples``
+            give the statistics that normalise all of them.
     """
 
     owner: NormSettings | None = None
     step: int | None = None
     records: list | None = None
     replaying: bool = False
+    support_samples: int | None = None
 
 
 OUTSIDE_MAML = NormStep()  # the query position, recording nothing: a plain forward
@@ -141,8 +145,16 @@ class MetaBatchNormBase(MetaModule):
             weight, bias = self.meta_param(params, "weight"), self.meta_param(params, "bias")
         if settings is None or settings.policy is None:
             return self._torch_forward(input, weight, bias, update=not position.replaying)
+        if position.support_samples is not None:
+            return self._normalise_by_support(input, weight, bias, position.support_samples)
+        if settings.policy == "support" and position.step is None:
+            raise ValueError(
+                "bn='support' normalises each query with its task's support statistics, and "
+                "this forward is given no support set: get query outputs with maml(xs, ys, xq, "
+                "yq) or maml.predict(params, xq, xs), not model(xq, params=...)"
+            )
         row = settings.statistics_row(position.step)
-        use_running = settings.policy != "transductive" and not self.training
+        use_running = settings.policy in ("per_step", "running") and not self.training
         running = (self.step_running_mean[row], self.step_running_var[row]) if use_running else None
         out = self._normalise(input, weight, bias, running)
         if running is None and position.records is not None and self.training:
@@ -174,6 +186,28 @@ class MetaBatchNormBase(MetaModule):
             mean, var = mean.repeat(num_tasks), var.repeat(num_tasks)
         out = F.batch_norm(x, mean, var, flat_w, flat_b, running is None, 0.0, self.eps)
         return out.unflatten(1, (num_tasks, -1)).transpose(0, 1)
+
+    def _normalise_by_support(
+        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, support: int
+    ) -> Tensor:
+        """Normalise every sample with the batch statistics of each task's first ``support``
+        samples (``[N, C, *S]``, or ``[T, N, C, *S]`` task-batched), differentiably."""
+        num_tasks = task_count()
+        sample_dim = 0 if num_tasks is None else 1
+        if num_tasks is not None:
+            check_task_input(input, num_tasks, self, min_dim=3)
+        dims = [sample_dim, *range(sample_dim + 2, input.dim())]
+        statistics_of = input.narrow(sample_dim, 0, support)
+        mean = statistics_of.mean(dims, keepdim=True)
+        var = statistics_of.var(dims, unbiased=False, keepdim=True)
+        y = (input - mean) * torch.rsqrt(var + self.eps)
+        if num_tasks is None:
+            shape = [1, -1] + [1] * (input.dim() - 2)
+            y = y if weight is None else y * weight.reshape(shape)
+            return y if bias is None else y + bias.reshape(shape)
+        weight = None if weight is None else weight.expand(num_tasks, weight.shape[-1])
+        bias = None if bias is None else bias.expand(num_tasks, bias.shape[-1])
+        return _affine(y, weight, bias, channel_dim=2)
 
     def _torch_forward(
         self, input: Tensor, weight: Tensor | None, bias: Tensor | None, update: bool = True

@@ -16,7 +16,14 @@ from mamlext.train.config import (
     meta_lr_at,
     step_weights_at,
 )
-from mamlext.train.evaluation import evaluate, evaluate_checkpoint, task_metric, to_device
+from mamlext.train.evaluation import (
+    QUERY_MODES,
+    evaluate,
+    evaluate_checkpoint,
+    query_outputs,
+    task_metric,
+    to_device,
+)
 from mamlext.train.folder import OutFolderInUse
 from mamlext.train.loop import RunStopped, train
 from mamlext.train.run_checkpoint import (
@@ -27,8 +34,8 @@ from mamlext.train.run_checkpoint import (
 )
 
 __all__ = [
-    "ALGORITHMS", "DATASETS", "CheckpointError", "OutFolderInUse", "RunStopped", "TrainConfig",
-    "build_maml", "build_sampler", "evaluate", "evaluate_checkpoint", "first_order_at",
-    "load_checkpoint", "load_run_checkpoint", "meta_lr_at", "save_checkpoint",
-    "step_weights_at", "task_metric", "to_device", "train",
+    "ALGORITHMS", "DATASETS", "QUERY_MODES", "CheckpointError", "OutFolderInUse", "RunStopped",
+    "TrainConfig", "build_maml", "build_sampler", "evaluate", "evaluate_checkpoint",
+    "first_order_at", "load_checkpoint", "load_run_checkpoint", "meta_lr_at", "query_outputs",
+    "save_checkpoint", "step_weights_at", "task_metric", "to_device", "train",
 ]  # fmt: skip
