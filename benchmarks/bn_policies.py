@@ -14,7 +14,7 @@ is how much (docs/train_eval.md). Extra rows: the transductive model meta-tested
 Each run is the command it prints (``mamlext train ...`` then ``mamlext evaluate ...``);
 checkpoints are reused, so a second call only meta-tests.
 
-    python benchmarks/bn_policies.py --data-root ../shared/data/omniglot --iterations 2500
+    python benchmarks/bn_policies.py --data-root ../shared/data/omniglot --iterations 3000
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def pitfall(checkpoint: Path, tasks: int, query: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True)
-    parser.add_argument("--iterations", type=int, default=2500)
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--tasks", type=int, default=600)
     parser.add_argument("--query", type=int, default=5, help="query examples per class")
     parser.add_argument("--out", default="runs/bn_policies")

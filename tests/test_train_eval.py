@@ -344,3 +344,106 @@ def test_dropout_draws_a_mask_per_task_in_the_batched_path():
     assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])
     zero_fraction = (out == 0).double().mean().item()
     assert 0.4 < zero_fraction < 0.6
+
+
+# ---- what the other libraries do (docs/train_eval.md, "Questions users ask") -------------------
+
+
+def higher_meta_loss(plain, xs, ys, xq, yq, **innerloop):
+    inner = torch.optim.SGD(plain.parameters(), lr=0.3)
+    with higher.innerloop_ctx(plain, inner, **innerloop) as (fmodel, diffopt):
+        diffopt.step(F.cross_entropy(fmodel(xs[0]), ys[0]))
+        return F.cross_entropy(fmodel(xq[0]), yq[0]), list(fmodel.parameters())
+
+
+def test_higher_with_its_default_copy_initial_weights_gives_the_model_no_meta_gradient():
+    """higher#30/#54: ``copy_initial_weights=True`` (the default) starts from a detached copy."""
+    plain, _, make_input = twins("conv-batchnorm2d")
+    xs, ys, xq, yq = episode(make_input, tasks=1)
+    higher_meta_loss(plain, xs, ys, xq, yq)[0].backward()
+    assert all(p.grad is None for p in plain.parameters())
+    higher_meta_loss(plain, xs, ys, xq, yq, copy_initial_weights=False)[0].backward()
+    assert all(p.grad is not None for p in plain.parameters())
+
+
+def test_higher_without_track_higher_grads_adapts_to_the_same_weights_without_a_graph():
+    """Meta-test with ``track_higher_grads=False``: same fast weights, no graph kept."""
+    plain, _, make_input = twins("conv-batchnorm2d")
+    xs, ys, xq, yq = episode(make_input, tasks=1)
+    _, tracked = higher_meta_loss(plain, xs, ys, xq, yq, copy_initial_weights=False)
+    _, untracked = higher_meta_loss(plain, xs, ys, xq, yq, track_higher_grads=False)
+    for a, b in zip(tracked, untracked):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert a.grad_fn is not None and b.grad_fn is None
+
+
+def test_higher_copies_the_models_train_or_eval_mode_when_it_patches():
+    plain, _, _ = twins("conv-batchnorm2d")
+    plain.eval()
+    inner = torch.optim.SGD(plain.parameters(), lr=0.3)
+    with higher.innerloop_ctx(plain, inner) as (fmodel, _):
+        assert not fmodel.training and not fmodel[1].training
+
+
+def test_momentum_one_keeps_the_last_training_batchs_statistics_and_eval_uses_them():
+    """torchmeta's and higher's Omniglot examples build BatchNorm with momentum=1.0."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3, momentum=1.0).to(F64)
+    x, last, probe = (torch.randn(6, 3, 4, 4, dtype=F64) * s for s in (1, 3, 1))
+    bn(x)
+    bn(last)
+    torch.testing.assert_close(bn.running_mean, last.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, last.var((0, 2, 3), unbiased=True))
+    bn.eval()
+    before = bn(probe)
+    bn.train()
+    bn(x)  # another last batch: the same probe is now normalised differently
+    bn.eval()
+    assert (bn(probe) - before).abs().max() > 0.1
+
+
+def test_track_running_stats_false_is_transductive_only_when_set_at_construction():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=F64) * 2 + 1
+    built = nn.BatchNorm2d(3, track_running_stats=False).to(F64)
+    assert built.running_mean is None
+    torch.testing.assert_close(built.eval()(x), built.train()(x), rtol=0, atol=0)
+    switched = nn.BatchNorm2d(3).to(F64)
+    switched.track_running_stats = False  # the buffers stay: eval mode still reads them
+    assert not torch.allclose(switched.eval()(x), switched.train()(x))
+
+
+def test_vmap_refuses_batchnorm_that_updates_running_statistics():
+    """torch.func's batch-norm page: vmap cannot update running statistics in place."""
+    plain, _, make_input = twins("conv-batchnorm2d")
+    params = dict(plain.named_parameters())
+    xs = make_input(2, 4)
+    with pytest.raises(RuntimeError, match="updated in place"):
+        torch.func.vmap(lambda x: torch.func.functional_call(plain, params, (x,)))(xs)
+    torch.func.replace_all_batch_norm_modules_(plain)  # no running statistics: transductive
+    assert plain[1].running_mean is None
+    torch.func.vmap(lambda x: torch.func.functional_call(plain, params, (x,)))(xs)
+
+
+def test_per_step_statistics_survive_an_evaluation_between_meta_training_steps():
+    """MAML++'s reference backs its statistics up with a copy that shares their memory, so
+    a validation pass overwrites them (HowToTrainYourMAMLPytorch#42). mamlext's per_step
+    statistics change only when a meta-training step commits, so a run with evaluations in
+    between equals one without."""
+    runs = []
+    for evaluate_between in (False, True):
+        maml, make_input = conv_bn_maml("per_step")
+        xs, ys, xq, yq = episode(make_input, tasks=2)
+        maml(xs, ys, xq, yq)
+        before = running_stats(maml.model)
+        if evaluate_between:
+            maml.eval()
+            with torch.no_grad():
+                maml(*episode(make_input, tasks=2, seed=9))
+            for k, v in running_stats(maml.model).items():
+                torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+            maml.train()
+        maml(*episode(make_input, tasks=2, seed=10))
+        runs.append(running_stats(maml.model))
+    for k, v in runs[1].items():
+        torch.testing.assert_close(v, runs[0][k], rtol=0, atol=0)
