@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 
-from mamlext.modules.norm import BN_POLICIES
+from mamlext.modules.norm import BN_POLICIES, QUERY_ROWS
 from mamlext.train import ALGORITHMS, DATASETS, QUERY_MODES, TrainConfig
 
 
@@ -54,6 +54,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="MAML++'s BNWB: a learned BatchNorm weight and bias per inner step (default: "
         "on for mamlpp on Omniglot)",
+    )
+    a(
+        "--bn-query-row",
+        choices=QUERY_ROWS,
+        help="the per-step BatchNorm row of a query pass: own (a row of its own) or last_step "
+        "(the row of the inner step just taken, as MAML++'s authors' code; mamlpp's default)",
     )
     a(
         "--multi-step-loss",
@@ -108,6 +114,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="multiply the outer learning rate by --meta-lr-gamma after N iterations",
     )
     a("--meta-lr-gamma", type=float, default=d.meta_lr_gamma, help="factor per milestone")
+    a(
+        "--schedule-epoch",
+        type=int,
+        metavar="N",
+        help="the multi-step loss and the cosine rate move once per N iterations (default 1; "
+        "mamlpp: 500, as its authors' epochs)",
+    )
     a("--iterations", type=int, help="meta-training steps")
     a("--eval-every", type=int, help="evaluate and checkpoint every N iterations")
     a(

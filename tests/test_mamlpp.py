@@ -18,6 +18,7 @@ import mamlext
 import mamlext.train.loop
 from mamlext.schedules import multi_step_weights
 from mamlext.train import TrainConfig, meta_lr_at, train
+from mamlext.train.run_checkpoint import CheckpointError, load_checkpoint, load_run_checkpoint
 from tests.conftest import SHARED_DATA
 from tests.models import F64, twins
 from tests.test_maml_vs_higher import TOL, episode
@@ -302,7 +303,7 @@ def test_resume_with_every_piece_on_reproduces_the_uninterrupted_run(tmp_path, m
     options = dict(
         dataset="omniglot", data_root=str(OMNIGLOT), algorithm="mamlpp", ways=3, meta_batch=2,
         inner_steps=2, test_steps=2, iterations=6, eval_every=3, multi_step_loss=4,
-        first_order_until=2, periodic_eval_tasks=4, eval_tasks=4,
+        first_order_until=2, periodic_eval_tasks=4, eval_tasks=4, schedule_epoch=2,
     )  # fmt: skip
     whole = train(quiet(**options, out=str(tmp_path / "whole")))["config"]
     assert (whole["bn"], whole["bn_per_step_weights"], whole["meta_lr_schedule"]) == (
@@ -323,6 +324,41 @@ def test_resume_with_every_piece_on_reproduces_the_uninterrupted_run(tmp_path, m
     assert read_metrics(tmp_path / "part") == read_metrics(tmp_path / "whole")
     final = [json.loads((tmp_path / n / "final.json").read_text()) for n in ("whole", "part")]
     assert final[0]["final"] == final[1]["final"]
+
+
+@pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
+def test_a_mamlpp_run_from_before_the_authors_semantics_resumes_as_it_was(tmp_path, monkeypatch):
+    """A checkpoint written before ``bn_query_row`` and ``schedule_epoch`` existed: a query row
+    of its own, schedules every iteration, the MAML paper's Conv-4."""
+    earlier = dict(bn_query_row="own", schedule_epoch=1, model="mamlext.models:conv4")
+    options = dict(
+        dataset="omniglot", data_root=str(OMNIGLOT), algorithm="mamlpp", ways=3, meta_batch=2,
+        inner_steps=2, test_steps=2, iterations=4, eval_every=2, periodic_eval_tasks=2,
+        eval_tasks=2, out=str(tmp_path),
+    )  # fmt: skip
+    step = mamlext.train.loop.meta_step
+
+    def interrupted(run, iteration):
+        if iteration == 3:  # after the checkpoint of iteration 2
+            raise KeyboardInterrupt
+        return step(run, iteration)
+
+    monkeypatch.setattr(mamlext.train.loop, "meta_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(quiet(**options, **earlier))
+    monkeypatch.setattr(mamlext.train.loop, "meta_step", step)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    for key in ("bn_query_row", "schedule_epoch"):
+        del state["config"][key]
+    state["config"]["model"] = None
+    torch.save(state, path)
+    _, config = load_run_checkpoint(path)
+    assert (config.bn_query_row, config.schedule_epoch, config.model) == tuple(earlier.values())
+    with pytest.raises(CheckpointError, match="bn_query_row: checkpoint 'own' vs now 'last_step'"):
+        train(quiet(**options, resume=True))
+    train(quiet(**options, **earlier, resume=True))
+    assert load_checkpoint(path)["iteration"] == 4
 
 
 def test_step_weights_errors_name_the_problem():
@@ -351,6 +387,7 @@ def test_step_weights_errors_name_the_problem():
         (["--meta-lr-schedule", "linear"], "unknown --meta-lr-schedule 'linear'"),
         (["--meta-lr-schedule", "cosine", "--meta-lr-milestones", "5"], "milestones only"),
         (["--first-order-until", "-1"], "--first-order-until must be >= 0"),
+        (["--schedule-epoch", "0"], "--schedule-epoch must be >= 1"),
         (["--multi-step-loss", "5", "--inner-checkpoint", "1"], "use one or the other"),
     ],
 )

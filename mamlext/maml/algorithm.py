@@ -18,8 +18,10 @@ ANIL (``adapt_params``), and MAML++'s pieces: per-layer per-step rates
 derivative-order annealing (``first_order`` may change between calls).
 
 Longer than 350 lines: :class:`MAML`'s docstring documents every variant's argument (about
-90 lines); the code is its entry points and the query losses, the inner loop, each task's
-loss, the checks and the BatchNorm policy living in their own modules.
+65 lines) and each of its five entry points (``forward``, ``meta_backward``, ``adapt``,
+``predict``, ``prepare``) documents its shapes; the code is those entry points and the query
+passes, the inner loop, each task's loss, the checks and the BatchNorm policy living in their
+own modules.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ class MAML(nn.Module):
         bn_per_step_weights: MAML++'s BNWB: every Meta BatchNorm layer learns one weight
             and bias per inner step and one for the query pass (see
             :class:`~mamlext.BatchNormPolicy`), in the outer loop only.
+        bn_query_row: which row of per-step BatchNorm weights and statistics a query pass
+            uses: ``"own"``, one of its own; ``"last_step"``, that of the inner step just
+            taken, as MAML++'s authors' code does (``docs/mamlpp.md``).
         inner_checkpoint: activation checkpointing of the inner loop (not the training
             checkpoints of ``mamlext train``), for memory that does not grow with the
             steps: ``None`` stores every inner step's graph until backward; an int ``n``
@@ -153,6 +158,7 @@ class MAML(nn.Module):
         per_sample_loss: bool | None = None,
         bn_per_step_weights: bool = False,
         inner_checkpoint: int | str | None = None,
+        bn_query_row: str = "own",
     ) -> None:
         super().__init__()
         self.model_call = model_call(model)  # the torch BatchNorm of a plain model become Meta ones
@@ -167,7 +173,7 @@ class MAML(nn.Module):
         self.task_loss = TaskLoss(loss_fn, per_sample_loss)
         self.batched = batched
         # The policy first: per-step BatchNorm weights replace the layers' own.
-        self.bn_policy = BatchNormPolicy(model, bn, num_steps, bn_per_step_weights)
+        self.bn_policy = BatchNormPolicy(model, bn, num_steps, bn_per_step_weights, bn_query_row)
         if batched is True and not self.model_call.can_batch(bn):
             raise ValueError(_CANNOT_BATCH[type(self.model_call).__name__])
         meta = self.model_call.parameters()
@@ -264,6 +270,7 @@ class MAML(nn.Module):
         params: OrderedDict[str, Tensor],
         query_x: Inputs,
         support_x: Inputs | None = None,
+        num_steps: int | None = None,
     ) -> Tensor:
         """The model's outputs ``[T, Nq, ...]`` on the query sets with parameters ``params``
         from :meth:`adapt`, normalised as the BatchNorm policy says.
@@ -273,7 +280,10 @@ class MAML(nn.Module):
             query_x: ``[T, Nq, ...]`` query inputs.
             support_x: the support inputs given to :meth:`adapt`; needed by ``bn="support"``
                 (whose queries are normalised with their support set's statistics).
+            num_steps: the inner steps ``adapt`` took (as its argument, with the same
+                default); with ``bn_query_row="last_step"`` the query uses that step's row.
         """
+        steps = self._steps(num_steps)
         if self.bn_policy.normalises_by_support and support_x is None:
             raise ValueError(
                 "bn='support' normalises queries with the support statistics: pass "
@@ -286,14 +296,14 @@ class MAML(nn.Module):
         )
         num_tasks = check_tasks(self.model, **given)
         if self.use_batched(*given.values()):
-            return self._query_outputs(params, query_x, support_x, num_tasks, record=False)
+            return self._query_outputs(params, query_x, support_x, num_tasks, steps, False)
         return torch.stack([
             self._query_outputs(
                 OrderedDict(
                     (n, v[t] if n in self.adapted_names else v) for n, v in params.items()
                 ),
-                take(query_x, t), None if support_x is None else take(support_x, t), None,
-                record=False,
+                take(query_x, t), None if support_x is None else take(support_x, t), None, steps,
+                False,
             ) for t in range(num_tasks)
         ])  # fmt: skip
 
@@ -435,8 +445,8 @@ class MAML(nn.Module):
 
         num_tasks = None if task is not None else yq.shape[0]
 
-        def query_loss(params, final: bool = True) -> tuple[Tensor, Tensor]:
-            out = self._query_outputs(params, xq, xs, num_tasks, record=final)
+        def query_loss(params, steps_taken: int, final: bool = True) -> tuple[Tensor, Tensor]:
+            out = self._query_outputs(params, xq, xs, num_tasks, steps_taken, record=final)
             if not (self._reads_checked or self.allow_unused) and torch.is_grad_enabled():
                 self.model_call.check_reads(out, {n: params[n] for n in self.adapted_names})
                 self._reads_checked = True
@@ -448,26 +458,28 @@ class MAML(nn.Module):
 
         def after_step(k: int, params) -> None:
             if k < batch.steps - 1 and step_weights[k] != 0:  # a zero weight: no query pass
-                earlier.append(step_weights[k] * query_loss(params, final=False)[0])
+                earlier.append(step_weights[k] * query_loss(params, k + 1, final=False)[0])
 
         hook = None if step_weights is None else after_step
         fast = self._adapt(xs, ys, batch.steps, task, hook)
-        loss, outputs = query_loss(fast)
+        loss, outputs = query_loss(fast, batch.steps)
         if step_weights is not None:
             loss = sum(earlier, step_weights[-1] * loss)
         return loss, outputs
 
-    def _query_outputs(self, params, xq, xs, num_tasks: int | None, record: bool = True):
+    def _query_outputs(
+        self, params, xq, xs, num_tasks: int | None, steps_taken: int, record: bool = True
+    ):
         """The model's outputs on the query inputs ``xq`` (one task's, or all tasks' when
-        ``num_tasks``); with ``bn="support"`` the support inputs ``xs`` run with them, and
-        their statistics normalise both."""
+        ``num_tasks``) after ``steps_taken`` inner steps; with ``bn="support"`` the support
+        inputs ``xs`` run with them, and their statistics normalise both."""
         if not self.bn_policy.normalises_by_support:
-            with self.bn_policy.at_query(record=record):
+            with self.bn_policy.at_query(record=record, steps_taken=steps_taken):
                 return self.model_call(xq, params, num_tasks)
         sample_dim = 0 if num_tasks is None else 1
         support = num_samples(xs) if num_tasks is not None else tensors(xs)[0].shape[0]
         both = concat_samples(xs, xq, sample_dim)
-        with self.bn_policy.at_query(record=record, support_samples=support):
+        with self.bn_policy.at_query(record, support, steps_taken):
             out = self.model_call(both, params, num_tasks)
         return out.narrow(sample_dim, support, out.shape[sample_dim] - support)
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mamlext.modules.norm import (
     BN_POLICIES,
+    QUERY_ROWS,
     MetaBatchNormBase,
     NormSettings,
     at_norm_step,
@@ -59,7 +60,13 @@ class BatchNormPolicy:
     ``k``, already taken).
 
     Steps beyond the trained ones (more inner steps at meta-test than ``num_steps``) use the
-    last support row, of statistics and of weights alike; the query pass always its own row.
+    last support row, of statistics and of weights alike; the query pass its own row.
+
+    ``query_row="last_step"`` (MAML++'s authors' code) gives the query pass no row of its own:
+    the query after inner step ``k`` uses row ``k`` (the final one row ``num_steps - 1``), so
+    there are ``num_steps`` rows of weights and statistics instead of ``num_steps + 1``.
+    With ``per_step``, the last row's statistics then move towards the mean over the last
+    support pass and the query pass, the two it normalises at meta-test.
 
     The sets live in each layer's buffers ``step_running_mean`` and ``step_running_var``,
     ``[rows, C]`` (:attr:`rows`, :meth:`statistics`); the layers keep them, the policy
@@ -73,6 +80,7 @@ class BatchNormPolicy:
         name: the policy, one of ``BN_POLICIES`` or ``None``.
         num_steps: inner steps of meta-training (``per_step`` keeps ``num_steps + 1`` sets).
         per_step_weights: BNWB (above); fixed at construction, as it changes the parameters.
+        query_row: ``"own"`` or ``"last_step"`` (above); fixed at construction.
     """
 
     def __init__(
@@ -81,9 +89,12 @@ class BatchNormPolicy:
         name: str | None = "transductive",
         num_steps: int = 1,
         per_step_weights: bool = False,
+        query_row: str = "own",
     ) -> None:
+        if query_row not in QUERY_ROWS:
+            raise ValueError(f"bn_query_row must be one of {QUERY_ROWS}, got {query_row!r}")
         self.model = model
-        self.settings = NormSettings(None, num_steps, bool(per_step_weights))
+        self.settings = NormSettings(None, num_steps, bool(per_step_weights), query_row)
         affine = [m for m in model.modules() if isinstance(m, MetaBatchNormBase) and m.affine]
         if per_step_weights and not affine:
             raise ValueError(
@@ -108,7 +119,7 @@ class BatchNormPolicy:
         for layer in affine:
             for kind in ("weight", "bias"):
                 own = getattr(layer, kind)
-                rows = own.detach().expand(self.num_steps + 1, -1).clone()
+                rows = own.detach().expand(self.settings.num_rows, -1).clone()
                 setattr(layer, kind, None)  # the per-step rows stand for it
                 layer.register_parameter(f"step_{kind}", nn.Parameter(rows))
 
@@ -130,8 +141,9 @@ class BatchNormPolicy:
 
     @property
     def rows(self) -> int:
-        """Sets of running statistics per layer: ``num_steps + 1``, 1 (``running``) or 0."""
-        return {"per_step": self.num_steps + 1, "running": 1}.get(self.name, 0)
+        """Sets of running statistics per layer: ``num_steps + 1`` (``num_steps`` with
+        ``query_row="last_step"``) for ``per_step``, 1 for ``running``, else 0."""
+        return {"per_step": self.settings.num_rows, "running": 1}.get(self.name, 0)
 
     def set(self, name: str | None) -> None:
         """Make every Meta BatchNorm layer of the model follow policy ``name``.
@@ -212,7 +224,10 @@ class BatchNormPolicy:
         return self._at(step)
 
     def at_query(
-        self, record: bool = True, support_samples: int | None = None
+        self,
+        record: bool = True,
+        support_samples: int | None = None,
+        steps_taken: int | None = None,
     ) -> contextlib.AbstractContextManager[None]:
         """The enclosed forwards are on the query sets (also the default outside MAML).
 
@@ -221,26 +236,33 @@ class BatchNormPolicy:
         final pass alone, the one meta-test normalises.
         ``support_samples`` (policy ``"support"``): each task's inputs are its
         ``support_samples`` support samples followed by its queries.
+        ``steps_taken``: the inner steps before this pass (``query_row="last_step"``).
         """
-        return self._at(None, record, support_samples)
+        return self._at(None, record, support_samples, steps_taken)
 
     @property
     def normalises_by_support(self) -> bool:
         """Whether query passes must carry the support samples (policy ``"support"``)."""
         return self.name == "support"
 
-    def _at(self, step: int | None, record: bool = True, support_samples: int | None = None):
+    def _at(
+        self,
+        step: int | None,
+        record: bool = True,
+        support_samples: int | None = None,
+        steps_taken: int | None = None,
+    ):
         current = norm_step(self.settings)
         records = current.records if record else None
-        return at_norm_step(
-            dataclasses.replace(
-                current,
-                owner=self.settings,
-                step=step,
-                records=records,
-                support_samples=support_samples,
-            )  # fmt: skip
+        position = dataclasses.replace(
+            current,
+            owner=self.settings,
+            step=step,
+            records=records,
+            support_samples=support_samples,
+            steps_taken=steps_taken,
         )
+        return at_norm_step(position)
 
     @contextlib.contextmanager
     def meta_batch(self, training: bool) -> Iterator[None]:

@@ -2,6 +2,10 @@
 
 In a task-batched call every task is normalised with its own statistics, exactly as if
 the tasks ran one by one: no statistic crosses from one task to another.
+
+Longer than 350 lines: the BatchNorm layers' shared settings and per-call position
+(``NormSettings``, ``NormStep``: which policy, step and row) sit beside the layers, their
+only readers, so that what a BatchNorm forward reads is in one file.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: 
 
 
 BN_POLICIES = ("transductive", "support", "per_step", "running")
+QUERY_ROWS = ("own", "last_step")
 
 
 @dataclasses.dataclass
@@ -53,26 +58,38 @@ class NormSettings:
     Attributes:
         policy: ``None``, ``"transductive"``, ``"support"``, ``"per_step"`` or ``"running"``
             (``BatchNormPolicy`` says what each means).
-        num_steps: inner steps of meta-training; rows ``0..num_steps - 1`` belong to them and
-            row ``num_steps`` to the query pass.
+        num_steps: inner steps of meta-training; rows ``0..num_steps - 1`` belong to them.
         per_step_weights: the affine weight and bias are the rows of ``step_weight`` and
             ``step_bias`` (MAML++'s BNWB).
+        query_row: which per-step row a query pass uses: ``"own"``, row ``num_steps``, one
+            of its own; ``"last_step"``, the row of the inner step just taken (MAML++'s
+            authors' code).
     """
 
     policy: str | None = None
     num_steps: int = 1
     per_step_weights: bool = False
+    query_row: str = "own"
 
-    def row(self, step: int | None) -> int:
-        """The row of per-step values at inner step ``step`` (``None``: the query pass);
-        steps beyond the trained ones use the last support row."""
+    @property
+    def num_rows(self) -> int:
+        """Rows of per-step values: one per trained step, and the query's own if any."""
+        return self.num_steps + 1 if self.query_row == "own" else max(self.num_steps, 1)
+
+    def row(self, step: int | None, steps_taken: int | None = None) -> int:
+        """The row of per-step values at inner step ``step``, or (``None``) in the query pass
+        after ``steps_taken`` steps (``None``: as many as trained); steps beyond the trained
+        ones use the last support row."""
+        last = max(self.num_steps - 1, 0)
         if step is None:
-            return self.num_steps
-        return min(step, max(self.num_steps - 1, 0))
+            if self.query_row == "own":
+                return self.num_steps
+            step = last if steps_taken is None else steps_taken - 1
+        return min(max(step, 0), last)
 
-    def statistics_row(self, step: int | None) -> int:
+    def statistics_row(self, step: int | None, steps_taken: int | None = None) -> int:
         """The row of running statistics: per step with ``per_step``, else the only one."""
-        return self.row(step) if self.policy == "per_step" else 0
+        return self.row(step, steps_taken) if self.policy == "per_step" else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +106,8 @@ class NormStep:
         support_samples: policy ``"support"``'s query pass: the inputs are each task's
             support samples followed by its queries, and the first ``support_samples``
             give the statistics that normalise all of them.
+        steps_taken: in a query pass, the inner steps taken before it (``query_row=
+            "last_step"`` reads the row of the last of them).
     """
 
     owner: NormSettings | None = None
@@ -96,6 +115,7 @@ class NormStep:
     records: list | None = None
     replaying: bool = False
     support_samples: int | None = None
+    steps_taken: int | None = None
 
 
 OUTSIDE_MAML = NormStep()  # the query position, recording nothing: a plain forward
@@ -138,7 +158,7 @@ class MetaBatchNormBase(MetaModule):
         settings = self.norm_settings
         position = norm_step(settings)
         if settings is not None and settings.per_step_weights:
-            row = settings.row(position.step)  # BNWB: this step's own weight and bias
+            row = settings.row(position.step, position.steps_taken)  # BNWB: this step's
             weight = self.meta_param(params, "step_weight").select(-2, row)
             bias = self.meta_param(params, "step_bias").select(-2, row)
         else:
@@ -153,7 +173,7 @@ class MetaBatchNormBase(MetaModule):
                 "this forward is given no support set: get query outputs with maml(xs, ys, xq, "
                 "yq) or maml.predict(params, xq, xs), not model(xq, params=...)"
             )
-        row = settings.statistics_row(position.step)
+        row = settings.statistics_row(position.step, position.steps_taken)
         use_running = settings.policy in ("per_step", "running") and not self.training
         running = (self.step_running_mean[row], self.step_running_var[row]) if use_running else None
         out = self._normalise(input, weight, bias, running)

@@ -67,5 +67,6 @@ def build_maml(config: TrainConfig) -> MAML:
         adapt_params=head if config.algorithm == "anil" else None,
         bn=config.bn,
         bn_per_step_weights=config.bn_per_step_weights,
+        bn_query_row=config.bn_query_row,
         inner_checkpoint=config.inner_checkpoint,
     )

@@ -7,12 +7,18 @@ import dataclasses
 from typing import Any
 
 from mamlext.maml.recompute import check_setting
+from mamlext.modules.norm import QUERY_ROWS
 from mamlext.schedules import cosine, multi_step_weights
 
 DATASETS = ("sinusoid", "harmonic", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "metasgd", "mamlpp", "anil")
 META_LR_SCHEDULES = ("milestones", "cosine")
 MAMLPP_MULTI_STEP_LOSS = 5000  # the paper's 10 epochs of 500 iterations (capped at the run)
+# MAML++'s authors' Omniglot runs (HowToTrainYourMAMLPytorch's experiment_config): 100 epochs
+# of 500 iterations, and their schedules move once per epoch.
+MAMLPP_EPOCH = 500
+MAMLPP_ITERATIONS = 50_000
+MAMLPP_NETWORK = "mamlext.models:mamlpp_conv4"
 
 
 def _resumable(default: Any) -> Any:
@@ -39,11 +45,14 @@ class TrainConfig:
     ``meta_lr_gamma`` per milestone passed (as ``torch.optim.lr_scheduler.MultiStepLR``; no
     milestones: constant, as the paper), or ``"cosine"``: annealed from ``meta_lr`` to
     ``meta_lr_min`` over the run.
-    ``algorithm="mamlpp"`` is MAML++'s Omniglot configuration (Antoniou et al. 2019): 5
-    inner steps at meta-train and meta-test, meta-batch 8, learned per-layer per-step rates
-    from 0.1, per-step BatchNorm weights, the multi-step loss over the first
-    5000 iterations (10 epochs of 500), second order, Adam 1e-3 cosine-annealed to 1e-5.
-    Each of those fields, set explicitly, overrides it.
+    ``algorithm="mamlpp"`` is MAML++ as its authors' code computes it on Omniglot (Antoniou
+    et al. 2019; docs/mamlpp.md): their network (``mamlext.models.mamlpp_conv4``), 5 inner
+    steps at meta-train and meta-test, meta-batch 8, one query per class, learned per-layer
+    per-step rates from 0.1, per-step BatchNorm weights with the query after step ``k`` on
+    row ``k``, batch statistics always, the multi-step loss over the first 10 epochs, second
+    order, Adam 1e-3 cosine-annealed to 1e-5 over 100 epochs of 500 iterations (50,000), the
+    schedules moving once per epoch (``schedule_epoch``). Each of those fields, set
+    explicitly, overrides it.
     Every ``eval_every`` iterations, ``periodic_eval_tasks`` test tasks are evaluated and a
     checkpoint is written; at the end, ``eval_tasks``. The fields declared ``_resumable`` may
     differ when a run is resumed; the others must equal the checkpoint's.
@@ -66,9 +75,12 @@ class TrainConfig:
     bn: str = "transductive"
     # MAML++ (--algorithm mamlpp turns each on; each may be set on its own)
     bn_per_step_weights: bool | None = None
+    bn_query_row: str | None = None  # "own" | "last_step" (mamlpp on Omniglot)
     multi_step_loss: int | None = None  # iterations of the multi-step loss; 0: off
     multi_step_loss_floor: float = 0.03
     first_order_until: int = 0  # derivative-order annealing: first order before it
+    # The multi-step loss and the outer rate move once per this many iterations (an epoch).
+    schedule_epoch: int | None = None
     # activation checkpointing of the inner loop (memory, not results): may change on resume
     inner_checkpoint: int | str | None = _resumable(None)
     meta_lr: float = 1e-3
@@ -124,6 +136,10 @@ class TrainConfig:
             )
         if self.first_order_until < 0:
             raise ValueError("--first-order-until must be >= 0")
+        if self.schedule_epoch < 1:
+            raise ValueError("--schedule-epoch must be >= 1")
+        if self.bn_query_row not in QUERY_ROWS:
+            raise ValueError(f"--bn-query-row must be one of {', '.join(QUERY_ROWS)}")
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by the paper's value, validated."""
@@ -143,8 +159,10 @@ class TrainConfig:
             iterations=3000 if regression else 60000,
             eval_every=1000 if regression else 500,
             bn_per_step_weights=False,
+            bn_query_row="own",
             multi_step_loss=0,
             meta_lr_schedule="milestones",
+            schedule_epoch=1,
         )
         if self.algorithm == "mamlpp":
             defaults.update(
@@ -157,6 +175,12 @@ class TrainConfig:
                 # One query example per class whatever the shots: the reference repository's
                 # experiment_config/omniglot_maml++_* set "num_target_samples": 1.
                 defaults.update(meta_batch=8, step_size=0.1, bn_per_step_weights=True, query=1)
+                # The authors' code: the query after step k on BatchNorm row k, schedules per
+                # epoch of 500 iterations over 100 epochs, their network.
+                defaults.update(
+                    bn_query_row="last_step", schedule_epoch=MAMLPP_EPOCH,
+                    iterations=MAMLPP_ITERATIONS, model=MAMLPP_NETWORK,
+                )  # fmt: skip
         values = {
             k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()
         }
@@ -193,10 +217,17 @@ class TrainConfig:
         return config
 
 
+def epoch_start(config: TrainConfig, iteration: int) -> int:
+    """The first iteration of ``iteration``'s epoch: where the schedules read the time."""
+    return iteration - iteration % config.schedule_epoch
+
+
 def meta_lr_at(config: TrainConfig, iteration: int) -> float:
     """Outer learning rate of the step taken after ``iteration`` completed steps."""
     if config.meta_lr_schedule == "cosine":
-        return cosine(config.meta_lr, config.meta_lr_min, iteration, config.iterations)
+        return cosine(
+            config.meta_lr, config.meta_lr_min, epoch_start(config, iteration), config.iterations
+        )
     passed = sum(iteration >= m for m in config.meta_lr_milestones)
     return config.meta_lr * config.meta_lr_gamma**passed
 
@@ -213,5 +244,6 @@ def step_weights_at(config: TrainConfig, iteration: int) -> list[float] | None:
     if not config.multi_step_loss:
         return None
     return multi_step_weights(
-        config.inner_steps, iteration, config.multi_step_loss, config.multi_step_loss_floor
-    )
+        config.inner_steps, epoch_start(config, iteration), config.multi_step_loss,
+        config.multi_step_loss_floor,
+    )  # fmt: skip

@@ -49,11 +49,11 @@ def query_outputs(
     columns = []
     for i in range(xq.shape[1]):
         if mode == "one":
-            columns.append(maml.predict(fast, xq[:, i : i + 1], xs)[:, 0])
+            columns.append(maml.predict(fast, xq[:, i : i + 1], xs, num_steps)[:, 0])
         else:
             mixed = others.clone()
             mixed[:, i] = xq[:, i]
-            columns.append(maml.predict(fast, mixed, xs)[:, i])
+            columns.append(maml.predict(fast, mixed, xs, num_steps)[:, i])
     return torch.stack(columns, 1)
 
 

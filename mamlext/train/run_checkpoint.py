@@ -100,7 +100,7 @@ def load_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], TrainConfig]:
     if unknown:
         raise refuse(f"its config has settings this mamlext does not know: {unknown}")
     try:
-        config = TrainConfig(**saved).resolved()
+        config = TrainConfig(**settings_of_earlier_runs(saved)).resolved()
         model = build_maml(config)
     except (TypeError, ValueError) as error:
         raise refuse(f"its config is invalid ({error})") from None
@@ -149,6 +149,21 @@ def drop_metrics_after(path: Path, iteration: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def settings_of_earlier_runs(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the settings added since it was written set as its run had them.
+
+    ``bn_query_row`` and ``schedule_epoch`` came with MAML++ as its authors compute it; a
+    run without them had a query row of its own, schedules moving every iteration and (with
+    ``algorithm="mamlpp"``) the MAML paper's strided Conv-4.
+    """
+    if "bn_query_row" in saved:
+        return saved
+    earlier = {"bn_query_row": "own", "schedule_epoch": 1}
+    if saved.get("algorithm") == "mamlpp" and saved.get("model") is None:
+        earlier["model"] = "mamlext.models:conv4"
+    return {**saved, **earlier}
 
 
 def check_same_run(before: TrainConfig, config: TrainConfig, iteration: int) -> None:
