@@ -298,8 +298,24 @@ def test_multi_step_weights_follow_the_papers_schedule():
     assert multi_step_weights(1, 0, 10) == [1.0]
 
 
+def train_interrupted_after(config: TrainConfig, iteration: int) -> None:
+    """Meta-train ``config`` and stop it (Ctrl-C) in the step after ``iteration``, whose
+    checkpoint stays: ``iteration`` must be a multiple of ``eval_every``."""
+    step = mamlext.train.loop.meta_step
+
+    def interrupted(run, i):
+        if i == iteration + 1:
+            raise KeyboardInterrupt
+        return step(run, i)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mamlext.train.loop, "meta_step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(config)
+
+
 @pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
-def test_resume_with_every_piece_on_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_with_every_piece_on_reproduces_the_uninterrupted_run(tmp_path):
     options = dict(
         dataset="omniglot", data_root=str(OMNIGLOT), algorithm="mamlpp", ways=3, meta_batch=2,
         inner_steps=2, test_steps=2, iterations=6, eval_every=3, multi_step_loss=4,
@@ -309,17 +325,7 @@ def test_resume_with_every_piece_on_reproduces_the_uninterrupted_run(tmp_path, m
     assert (whole["bn"], whole["bn_per_step_weights"], whole["meta_lr_schedule"]) == (
         "transductive", True, "cosine",
     )  # fmt: skip
-    step = mamlext.train.loop.meta_step
-
-    def interrupted(run, iteration):
-        if iteration == 4:  # after the checkpoint of iteration 3
-            raise KeyboardInterrupt
-        return step(run, iteration)
-
-    monkeypatch.setattr(mamlext.train.loop, "meta_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(quiet(**options, out=str(tmp_path / "part")))
-    monkeypatch.setattr(mamlext.train.loop, "meta_step", step)
+    train_interrupted_after(quiet(**options, out=str(tmp_path / "part")), 3)
     train(quiet(**options, out=str(tmp_path / "part"), resume=True))
     assert read_metrics(tmp_path / "part") == read_metrics(tmp_path / "whole")
     final = [json.loads((tmp_path / n / "final.json").read_text()) for n in ("whole", "part")]
@@ -327,7 +333,7 @@ def test_resume_with_every_piece_on_reproduces_the_uninterrupted_run(tmp_path, m
 
 
 @pytest.mark.skipif(not OMNIGLOT.exists(), reason=f"no Omniglot at {OMNIGLOT}")
-def test_a_mamlpp_run_from_before_the_authors_semantics_resumes_as_it_was(tmp_path, monkeypatch):
+def test_a_mamlpp_run_from_before_the_authors_semantics_resumes_as_it_was(tmp_path):
     """A checkpoint written before ``bn_query_row`` and ``schedule_epoch`` existed: a query row
     of its own, schedules every iteration, the MAML paper's Conv-4."""
     earlier = dict(bn_query_row="own", schedule_epoch=1, model="mamlext.models:conv4")
@@ -336,17 +342,7 @@ def test_a_mamlpp_run_from_before_the_authors_semantics_resumes_as_it_was(tmp_pa
         inner_steps=2, test_steps=2, iterations=4, eval_every=2, periodic_eval_tasks=2,
         eval_tasks=2, out=str(tmp_path),
     )  # fmt: skip
-    step = mamlext.train.loop.meta_step
-
-    def interrupted(run, iteration):
-        if iteration == 3:  # after the checkpoint of iteration 2
-            raise KeyboardInterrupt
-        return step(run, iteration)
-
-    monkeypatch.setattr(mamlext.train.loop, "meta_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(quiet(**options, **earlier))
-    monkeypatch.setattr(mamlext.train.loop, "meta_step", step)
+    train_interrupted_after(quiet(**options, **earlier), 2)
     path = tmp_path / "checkpoint.pt"
     state = torch.load(path, weights_only=False)
     for key in ("bn_query_row", "schedule_epoch"):
