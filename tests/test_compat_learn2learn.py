@@ -9,6 +9,7 @@ tests against the shim. Each of these runs in a fresh interpreter: the shim repl
 """
 
 import os
+import pickle
 import textwrap
 from pathlib import Path
 
@@ -169,6 +170,28 @@ def test_full_omniglot_reads_the_zips_in_order(tmp_path):
     )
     assert "32460 (105, 105) L 0 1 1622" in out
     assert "1623 [19280, 19281]" in out  # the evaluation set follows the 964 background ones
+
+
+@needs_omniglot
+def test_full_omniglot_ignores_learn2learns_label_cache_in_its_root(tmp_path):
+    """The real learn2learn caches its label maps in root/omniglot-bookkeeping.pkl, indexed in
+    its own order of the files: the shim, which orders them by name, neither reads nor
+    overwrites it."""
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        (tmp_path / name).symlink_to(OMNIGLOT / name)
+    cache = tmp_path / "omniglot-bookkeeping.pkl"
+    stale = {"labels_to_indices": {0: [5]}, "indices_to_labels": {5: 0}, "labels": [0]}
+    cache.write_bytes(pickle.dumps(stale))
+    out = run_ok(
+        f"""
+        import mamlext.compat.learn2learn
+        import learn2learn as l2l
+        meta = l2l.data.MetaDataset(l2l.vision.datasets.FullOmniglot(root={str(tmp_path)!r}))
+        print(len(meta.labels), sorted(meta.labels_to_indices[964])[:2])
+        """
+    )
+    assert "1623 [19280, 19281]" in out
+    assert pickle.loads(cache.read_bytes()) == stale
 
 
 @needs_omniglot

@@ -148,8 +148,6 @@ def install(force: bool = False) -> str:
             real = importlib.import_module("learn2learn")
         except Exception as error:  # e.g. no gym, a torchvision that does not import
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            for name in [n for n in sys.modules if n.split(".")[0] == "learn2learn"]:
-                del sys.modules[name]  # what the failed import left half-initialised
             _state["serving"] = f"the shim (the installed learn2learn does not import: {reason})"
         else:
             version = getattr(real, "__version__", "?")
@@ -166,7 +164,7 @@ def install(force: bool = False) -> str:
             " (forced)" if force else " (learn2learn is not installed)"
         )
     for name in [n for n in sys.modules if n.split(".")[0] == "learn2learn"]:
-        del sys.modules[name]
+        del sys.modules[name]  # a failed import of the real one leaves it half-initialised
     sys.modules.update(_shim_modules())
     if not any(isinstance(f, _ShimFinder) for f in sys.meta_path):
         sys.meta_path.append(_ShimFinder())

@@ -16,7 +16,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mamlext.compat.learn2learn.utils import clone_module, clone_parameters, swap_parameters
+from mamlext.compat.learn2learn.utils import (
+    clone_module,
+    clone_parameters,
+    swap_parameters,
+    update_module,
+)
 from mamlext.inner import sgd_update
 
 __all__ = ["BaseLearner", "MAML", "MetaSGD", "maml_update", "meta_sgd_update"]
@@ -63,8 +68,6 @@ def maml_update(model: nn.Module, lr, grads: Sequence[Tensor | None] | None = No
     """One SGD step of ``model``'s parameters with ``grads`` (one per parameter, ``None``: not
     updated), in place; without ``grads``, the ``update`` attributes (as ``update_module``)."""
     if grads is None:
-        from mamlext.compat.learn2learn.utils import update_module
-
         return update_module(model)
     return _fused_update(model, lr, grads)
 

@@ -34,15 +34,19 @@ class MetaDataset(Dataset):
     """A dataset with ``labels_to_indices``, ``indices_to_labels`` and ``labels``.
 
     Built by reading every sample's label (``dataset[i][1]``) once, unless the maps are
-    given, or cached in the pickle at ``dataset._bookkeeping_path`` (read if it exists,
-    written otherwise).
+    given, the dataset lists its labels (``labels_of_samples``: mamlext's datasets), or they
+    are cached in the pickle at ``dataset._bookkeeping_path`` (read if it exists, written
+    otherwise).
     """
 
     def __init__(self, dataset, labels_to_indices=None, indices_to_labels=None) -> None:
         if not isinstance(dataset, Dataset):
             raise TypeError("MetaDataset only accepts a torch dataset as input")
         self.dataset = dataset
-        path = getattr(dataset, "_bookkeeping_path", None)
+        known = getattr(dataset, "labels_of_samples", None)
+        # A dataset that lists its labels needs no cache, and must not read one written for
+        # another order of the same files (the real learn2learn's, in the same root).
+        path = None if known is not None else getattr(dataset, "_bookkeeping_path", None)
         if path is not None and os.path.exists(path):
             with open(path, "rb") as f:
                 book = pickle.load(f)
@@ -55,8 +59,6 @@ class MetaDataset(Dataset):
             for i, label in indices_to_labels.items():
                 labels_to_indices[label].append(i)
         else:
-            # mamlext's datasets know their labels without loading every sample
-            known = getattr(dataset, "labels_of_samples", None)
             labels_to_indices, indices_to_labels = defaultdict(list), defaultdict(int)
             for i in range(len(dataset)):
                 label = _plain(known[i] if known is not None else dataset[i][1])

@@ -70,7 +70,6 @@ class FullOmniglot(Dataset):
                     self._members.append((name, member))
                     self.labels_of_samples.append(label)
                 label += 1
-        self._bookkeeping_path = os.path.join(self.root, "omniglot-bookkeeping.pkl")
 
     def _find(self, download: bool) -> dict[str, Path]:
         """Each set's zip or extracted folder."""
