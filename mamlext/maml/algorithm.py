@@ -55,14 +55,6 @@ from mamlext.maml.step_sizes import StepSizes
 # Omniglot 5-way 1-shot setting (10 samples per task) and loses from ~40 samples per task.
 CPU_BATCHED_MAX_SAMPLES = 16
 LOG = logging.getLogger("mamlext")
-_CANNOT_BATCH = {  # batched=True refused, by kind of model
-    "MetaModuleCall": "batched=True needs a MetaModule built only from mamlext's Meta layers and "
-    "per-sample modules (another forward cannot be task-batched); use batched='auto' or False",
-    "FunctionalCall": "batched=True runs the model's forward under torch.func.vmap, which this "
-    "model does not allow exactly: a recurrent layer, a BatchNorm subclass of its own, or "
-    "BatchNorm layers with bn 'per_step', 'running' or None (they update or record running "
-    "statistics); use batched='auto' or False",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +167,7 @@ class MAML(nn.Module):
         # The policy first: per-step BatchNorm weights replace the layers' own.
         self.bn_policy = BatchNormPolicy(model, bn, num_steps, bn_per_step_weights, bn_query_row)
         if batched is True and not self.model_call.can_batch(bn):
-            raise ValueError(_CANNOT_BATCH[type(self.model_call).__name__])
+            raise ValueError(self.model_call.cannot_batch)
         meta = self.model_call.parameters()
         learned_outside = set(self.bn_policy.per_step_weight_names())
         self.adapted_names = [
@@ -477,7 +469,7 @@ class MAML(nn.Module):
             with self.bn_policy.at_query(record=record, steps_taken=steps_taken):
                 return self.model_call(xq, params, num_tasks)
         sample_dim = 0 if num_tasks is None else 1
-        support = num_samples(xs) if num_tasks is not None else tensors(xs)[0].shape[0]
+        support = tensors(xs)[0].shape[sample_dim]
         both = concat_samples(xs, xq, sample_dim)
         with self.bn_policy.at_query(record, support, steps_taken):
             out = self.model_call(both, params, num_tasks)

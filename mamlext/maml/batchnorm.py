@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from mamlext.modules.norm import (
     BN_POLICIES,
     QUERY_ROWS,
+    RUNNING_POLICIES,
+    STATELESS_POLICIES,
     MetaBatchNormBase,
     NormSettings,
     at_norm_step,
@@ -153,7 +155,7 @@ class BatchNormPolicy:
         """
         if name is not None and name not in BN_POLICIES:
             raise ValueError(f"bn must be one of {BN_POLICIES} or None, got {name!r}")
-        trains = name in ("per_step", "running")
+        trains = name in RUNNING_POLICIES
         layers = []
         for module_name, module in self.model.named_modules():
             if isinstance(module, MetaBatchNormBase):
@@ -198,11 +200,11 @@ class BatchNormPolicy:
 
     def trains_statistics(self, training: bool) -> bool:
         """Whether a meta-batch in this mode (MAML's ``training``) updates running statistics."""
-        return training and self.name in ("per_step", "running")
+        return training and self.name in RUNNING_POLICIES
 
     def check_modes(self, training: bool) -> None:
         """Raise if a BatchNorm would normalise with never-trained statistics at meta-training."""
-        if not training or self.name in ("transductive", "support"):
+        if not training or self.name in STATELESS_POLICIES:
             return
         for name, module in self.model.named_modules():
             untrained_eval_bn = (

@@ -30,7 +30,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from mamlext.maml.inputs import Inputs, as_arguments
 from mamlext.modules import batchable
 from mamlext.modules.module import is_meta_module
-from mamlext.modules.norm import MetaBatchNormBase, make_meta_batchnorm
+from mamlext.modules.norm import STATELESS_POLICIES, MetaBatchNormBase, make_meta_batchnorm
 
 
 class ModelCall:
@@ -38,6 +38,7 @@ class ModelCall:
 
     Attributes:
         kind: what the model is, as ``mamlext info``-style text.
+        cannot_batch: why ``batched=True`` is refused where :meth:`can_batch` says no.
     """
 
     kind = "model"
@@ -91,6 +92,14 @@ class MetaModuleCall(ModelCall):
     """``model(x, params=params)``: torchmeta's convention."""
 
     kind = "MetaModule"
+    cannot_batch = (
+        "batched=True needs a MetaModule built only from mamlext's Meta layers and per-sample "
+        "modules (another forward cannot be task-batched); use batched='auto' or False"
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._batchable = batchable(model)  # its layers' types: fixed once built
 
     def parameters(self) -> OrderedDict[str, Tensor]:
         return OrderedDict(self.model.meta_named_parameters())
@@ -100,7 +109,7 @@ class MetaModuleCall(ModelCall):
         return self.model(*args, params=params, **kwargs)
 
     def can_batch(self, bn_policy: str | None) -> bool:
-        return batchable(self.model)
+        return self._batchable
 
 
 class FunctionalCall(ModelCall):
@@ -111,6 +120,12 @@ class FunctionalCall(ModelCall):
     """
 
     kind = "nn.Module (torch.func.functional_call)"
+    cannot_batch = (
+        "batched=True runs the model's forward under torch.func.vmap, which this model does "
+        "not allow exactly: a recurrent layer, a BatchNorm subclass of its own, or BatchNorm "
+        "layers with bn 'per_step', 'running' or None (they update or record running "
+        "statistics); use batched='auto' or False"
+    )
 
     def __init__(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
@@ -186,7 +201,7 @@ class FunctionalCall(ModelCall):
         ``"support"``)."""
         if self._has_rnn or self._has_foreign_norm:
             return False
-        return not self.meta_batchnorm or bn_policy in ("transductive", "support")
+        return not self.meta_batchnorm or bn_policy in STATELESS_POLICIES
 
 
 def _uses_weight_norm(module: nn.Module) -> bool:

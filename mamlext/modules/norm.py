@@ -45,6 +45,8 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: 
 
 
 BN_POLICIES = ("transductive", "support", "per_step", "running")
+STATELESS_POLICIES = ("transductive", "support")  # batch statistics only, no running ones
+RUNNING_POLICIES = ("per_step", "running")  # train running statistics, read them in eval
 QUERY_ROWS = ("own", "last_step")
 
 
@@ -174,7 +176,7 @@ class MetaBatchNormBase(MetaModule):
                 "yq) or maml.predict(params, xq, xs), not model(xq, params=...)"
             )
         row = settings.statistics_row(position.step, position.steps_taken)
-        use_running = settings.policy in ("per_step", "running") and not self.training
+        use_running = settings.policy in RUNNING_POLICIES and not self.training
         running = (self.step_running_mean[row], self.step_running_var[row]) if use_running else None
         out = self._normalise(input, weight, bias, running)
         if running is None and position.records is not None and self.training:

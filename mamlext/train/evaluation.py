@@ -10,6 +10,7 @@ import torch
 
 from mamlext.data.tasks import Batch
 from mamlext.maml import MAML
+from mamlext.modules.norm import STATELESS_POLICIES
 from mamlext.train.build import build_maml, build_sampler
 from mamlext.train.run_checkpoint import load_run_checkpoint
 
@@ -106,7 +107,7 @@ def evaluate_checkpoint(
     maml = build_maml(config).to(device)
     maml.load_state_dict(state["maml"])
     if bn is not None and bn != config.bn:
-        if bn not in ("transductive", "support"):
+        if bn not in STATELESS_POLICIES:
             raise ValueError(
                 f"--bn {bn!r}: the run trained bn={config.bn!r}; at meta-test only a policy "
                 "that keeps no running statistics may replace it (transductive or support)"
